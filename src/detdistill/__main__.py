@@ -1,0 +1,3 @@
+from detdistill.cli import main
+
+raise SystemExit(main())
