@@ -1,0 +1,38 @@
+"""Distillation losses: pure tensor functions, and the named methods built on them."""
+
+from detdistill.losses.feature_imitation import (
+    decoupled_feature_loss,
+    feature_imitation_loss,
+    score_weighted_imitation,
+)
+from detdistill.losses.masks import box_center_masks, fgfi_masks
+from detdistill.losses.methods import (
+    DistillBatch,
+    DistillMethod,
+    build_method,
+    flatten_levels,
+    list_methods,
+    register_method,
+)
+from detdistill.losses.pfi import feature_difference, pfi_loss, prediction_difference
+from detdistill.losses.rank_mimicking import rank_mimicking_loss
+from detdistill.losses.soft_label import soft_label_kd_loss
+
+__all__ = [
+    "DistillBatch",
+    "DistillMethod",
+    "box_center_masks",
+    "build_method",
+    "decoupled_feature_loss",
+    "feature_difference",
+    "feature_imitation_loss",
+    "fgfi_masks",
+    "flatten_levels",
+    "list_methods",
+    "pfi_loss",
+    "prediction_difference",
+    "rank_mimicking_loss",
+    "register_method",
+    "score_weighted_imitation",
+    "soft_label_kd_loss",
+]

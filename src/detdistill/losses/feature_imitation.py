@@ -1,0 +1,110 @@
+"""Feature imitation baselines: FitNet, FGFI, DeFeat and teacher-score weighting (SPEC 2.4).
+
+All of them compare adapted student features with teacher features through the
+same per-location difference ``D_l = mean_c (phi_l(F^s_l) - F^t_l)^2`` that PFI
+uses (channels averaged, not summed, so method weights are comparable across
+methods); they differ only in where they look and how they normalise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from detdistill.losses._levels import check_levels, check_spatial
+from detdistill.losses._precision import float32_loss
+from detdistill.losses.pfi import feature_difference
+
+
+@float32_loss
+def feature_imitation_loss(
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    masks: Sequence[Tensor] | None = None,
+) -> Tensor:
+    r"""Mean squared feature difference, everywhere or inside a mask.
+
+    Without masks (FitNet, Romero et al., ICLR 2015)::
+
+        L = (1/L) * sum_l mean_{n,h,w} D_l(n,h,w)
+
+    With masks ``m_l`` of shape (N, H_l, W_l) (FGFI, Wang et al., CVPR 2019;
+    DeFeat's foreground or background part, Guo et al., CVPR 2021)::
+
+        L = sum_l sum_{n,h,w} m_l * D_l  /  max(sum_l sum_{n,h,w} m_l, 1)
+
+    i.e. normalised by the number of masked locations, as FGFI's ``1/N_p``
+    (FGFI sums channels and halves; that constant ``C/2`` is left to the
+    method weight).
+
+    Returns:
+        Scalar float32 loss; 0 for identical features; with an all-zero mask, an
+        exact 0 that keeps the graph.
+    """
+    check_levels("student_feats", student_feats, "teacher_feats", teacher_feats)
+    diffs = [
+        feature_difference(f_s, f_t.detach())
+        for f_s, f_t in zip(student_feats, teacher_feats, strict=True)
+    ]
+    if masks is None:
+        return torch.stack([d.mean() for d in diffs]).mean()
+    if len(masks) != len(diffs):
+        raise ValueError(f"masks has {len(masks)} levels but the features have {len(diffs)}")
+    for level, (mask, diff) in enumerate(zip(masks, diffs, strict=True)):
+        if mask.shape != diff.shape:
+            raise ValueError(
+                f"level {level}: mask has shape {tuple(mask.shape)} but the features need "
+                f"(N, H, W) = {tuple(diff.shape)}"
+            )
+    masked = sum((m.to(d.dtype) * d).sum() for m, d in zip(masks, diffs, strict=True))
+    count = sum(m.to(torch.float32).sum() for m in masks)
+    return masked / count.clamp(min=1.0)
+
+
+@float32_loss
+def decoupled_feature_loss(
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    foreground_masks: Sequence[Tensor],
+    foreground_weight: float = 1.0,
+    background_weight: float = 1.0,
+) -> Tensor:
+    r"""DeFeat's feature part: foreground and background imitated separately.
+
+    ``L = w_fg * L_mask(m) + w_bg * L_mask(1 - m)`` with ``L_mask`` the masked
+    :func:`feature_imitation_loss`, so each region is normalised by its own
+    size and the large background cannot drown the objects (Guo et al.,
+    "Distilling Object Detectors via Decoupled Features", CVPR 2021).
+    """
+    background = [~m.bool() for m in foreground_masks]
+    fg = feature_imitation_loss(student_feats, teacher_feats, foreground_masks)
+    bg = feature_imitation_loss(student_feats, teacher_feats, background)
+    return foreground_weight * fg + background_weight * bg
+
+
+@float32_loss
+def score_weighted_imitation(
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    teacher_logits: Sequence[Tensor],
+) -> Tensor:
+    r"""Feature imitation weighted by the teacher's confidence (``scorel2``).
+
+    ``w_l(n,h,w) = max_{a,k} sigmoid(z^t_l)`` and
+    ``L = (1/L) * sum_l mean_{n,h,w} (w_l * D_l)``: the form Ultralytics ships
+    for YOLO distillation (teacher-score-weighted L2), normalised like PFI so
+    the two are directly comparable: PFI weights by where predictions
+    *differ*, this by where the teacher is *confident*.
+
+    Returns:
+        Scalar float32 loss; 0 for identical features.
+    """
+    check_levels("student_feats", student_feats, "teacher_feats", teacher_feats)
+    check_spatial("teacher_feats", teacher_feats, "teacher_logits", teacher_logits)
+    per_level = []
+    for f_s, f_t, z_t in zip(student_feats, teacher_feats, teacher_logits, strict=True):
+        weight = z_t.detach().sigmoid().amax(dim=1)
+        per_level.append((weight * feature_difference(f_s, f_t.detach())).mean())
+    return torch.stack(per_level).mean()

@@ -1,0 +1,262 @@
+"""Distillation methods by name: each maps a teacher/student batch to one loss.
+
+The losses themselves are pure tensor functions; these small modules only pick
+their arguments out of a :class:`DistillBatch`, so that a config can say
+``methods: {rm: 4.0, pfi: 1.5}`` and get ``L = L_det + 4 L_RM + 1.5 L_PFI``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detdistill.losses.feature_imitation import (
+    decoupled_feature_loss,
+    feature_imitation_loss,
+    score_weighted_imitation,
+)
+from detdistill.losses.masks import box_center_masks, fgfi_masks
+from detdistill.losses.pfi import pfi_loss
+from detdistill.losses.rank_mimicking import rank_mimicking_loss
+from detdistill.losses.soft_label import soft_label_kd_loss
+
+
+def flatten_levels(per_level: list[Tensor], channels_per_anchor: int) -> Tensor:
+    """Per-level (N, A*C, H, W) maps -> (N, R, C), anchors ordered level, h, w, a."""
+    flat = []
+    for x in per_level:
+        n, _, h, w = x.shape
+        flat.append(
+            x.view(n, -1, channels_per_anchor, h, w)
+            .permute(0, 3, 4, 1, 2)
+            .reshape(n, -1, channels_per_anchor)
+        )
+    return torch.cat(flat, dim=1)
+
+
+@dataclass(eq=False)
+class DistillBatch:
+    """What the methods may read for one batch; teacher tensors are detached.
+
+    ``student_feats`` are already adapted to the teacher's channels.
+    ``anchors``/``matched_idxs`` follow ``DetectorOutput``: per image, anchors
+    ordered level-major then h, w, a; ``matched_idxs`` >= 0 names the assigned
+    ground truth, negative values are background or ignored.
+    """
+
+    student_feats: list[Tensor]
+    teacher_feats: list[Tensor]
+    student_logits: list[Tensor]
+    teacher_logits: list[Tensor]
+    anchors: list[Tensor]
+    gt_boxes: list[Tensor]
+    gt_labels: list[Tensor]
+    matched_idxs: list[Tensor]
+    num_anchors: int
+    num_classes: int
+    student_quality: list[Tensor] | None = None
+    teacher_quality: list[Tensor] | None = None
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        return [(x.shape[-2], x.shape[-1]) for x in self.student_logits]
+
+    @cached_property
+    def student_flat_logits(self) -> Tensor:
+        return flatten_levels(self.student_logits, self.num_classes)
+
+    @cached_property
+    def teacher_flat_logits(self) -> Tensor:
+        return flatten_levels(self.teacher_logits, self.num_classes)
+
+    @cached_property
+    def candidates(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """RM candidates: (image index, anchor index, class, instance id), one row per positive anchor."""
+        images, anchors, classes, instances = [], [], [], []
+        offset = 0
+        for n, (matched, labels) in enumerate(zip(self.matched_idxs, self.gt_labels, strict=True)):
+            pos = torch.nonzero(matched >= 0).squeeze(1)
+            gt_index = matched[pos]
+            images.append(torch.full_like(pos, n))
+            anchors.append(pos)
+            classes.append(labels[gt_index].to(pos.dtype))
+            instances.append(gt_index + offset)
+            offset += labels.numel()
+        return tuple(torch.cat(x) for x in (images, anchors, classes, instances))  # type: ignore[return-value]
+
+
+class DistillMethod(nn.Module):
+    """A distillation term; subclasses implement ``forward(batch) -> scalar``."""
+
+    def forward(self, batch: DistillBatch) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[DistillMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[DistillMethod]], type[DistillMethod]]:
+    def add(cls: type[DistillMethod]) -> type[DistillMethod]:
+        if name in _REGISTRY:
+            raise ValueError(f"distillation method {name!r} is already registered")
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_method(name: str, **options: object) -> DistillMethod:
+    """Instantiate a registered method; unknown names or options name the valid ones."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown distillation method {name!r}; choose from {', '.join(list_methods())}"
+        )
+    cls = _REGISTRY[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no option(s) {', '.join(unknown)}; "
+            f"options are: {', '.join(accepted) or 'none'}"
+        )
+    return cls(**options)
+
+
+@register_method("rm")
+class RankMimicking(DistillMethod):
+    """Rank Mimicking over each ground truth's positive anchors (SPEC 2.1).
+
+    ``score``: "logit" (default, the paper), "prob" (sigmoid, as the MMRazor
+    port), or "quality": classification and localisation quality together,
+    ``log(sigmoid(z_cls) * sigmoid(z_quality))``, for heads with a quality branch.
+    """
+
+    def __init__(
+        self, temperature: float = 1.0, score: Literal["logit", "prob", "quality"] = "logit"
+    ):
+        super().__init__()
+        if score not in ("logit", "prob", "quality"):
+            raise ValueError(f"rm score must be 'logit', 'prob' or 'quality', got {score!r}")
+        self.temperature = temperature
+        self.score = score
+
+    def _scores(
+        self, flat_logits: Tensor, quality: list[Tensor] | None, batch: DistillBatch
+    ) -> Tensor:
+        images, anchors, classes, _ = batch.candidates
+        logits = flat_logits[images, anchors, classes]
+        if self.score == "logit":
+            return logits
+        if self.score == "prob":
+            return logits.sigmoid()
+        if quality is None:
+            raise ValueError(
+                "rm score='quality' needs a detector head with a quality branch (FCOS, ATSS)"
+            )
+        quality_logits = flatten_levels(quality, 1)[images, anchors, 0]
+        return F.logsigmoid(logits) + F.logsigmoid(quality_logits)
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        student = self._scores(batch.student_flat_logits, batch.student_quality, batch)
+        teacher = self._scores(batch.teacher_flat_logits, batch.teacher_quality, batch)
+        return rank_mimicking_loss(student, teacher, batch.candidates[3], self.temperature)
+
+
+@register_method("pfi")
+class PredictionGuidedImitation(DistillMethod):
+    """Prediction-guided Feature Imitation (SPEC 2.2)."""
+
+    def __init__(self, norm: Literal["mean", "l2"] = "mean", detach_weight: bool = True):
+        super().__init__()
+        self.norm = norm
+        self.detach_weight = detach_weight
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return pfi_loss(
+            batch.student_feats,
+            batch.teacher_feats,
+            batch.student_logits,
+            batch.teacher_logits,
+            norm=self.norm,
+            detach_weight=self.detach_weight,
+        )
+
+
+@register_method("kd")
+class SoftLabelKD(DistillMethod):
+    """Soft-label distillation over every anchor's class probabilities (SPEC 2.4)."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return soft_label_kd_loss(
+            batch.student_flat_logits, batch.teacher_flat_logits, self.temperature
+        )
+
+
+@register_method("fitnet")
+class FitNet(DistillMethod):
+    """Imitate the whole feature map (SPEC 2.4)."""
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return feature_imitation_loss(batch.student_feats, batch.teacher_feats)
+
+
+@register_method("fgfi")
+class FineGrainedImitation(DistillMethod):
+    """Imitate only the locations of anchors near objects (SPEC 2.4, psi = 0.5)."""
+
+    def __init__(self, psi: float = 0.5):
+        super().__init__()
+        self.psi = psi
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        masks = fgfi_masks(
+            batch.anchors, batch.gt_boxes, batch.level_shapes, batch.num_anchors, self.psi
+        )
+        return feature_imitation_loss(batch.student_feats, batch.teacher_feats, masks)
+
+
+@register_method("defeat")
+class DecoupledFeatures(DistillMethod):
+    """Foreground and background imitated separately with their own weights (SPEC 2.4)."""
+
+    def __init__(self, foreground_weight: float = 1.0, background_weight: float = 1.0):
+        super().__init__()
+        self.foreground_weight = foreground_weight
+        self.background_weight = background_weight
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        masks = box_center_masks(
+            batch.anchors, batch.gt_boxes, batch.level_shapes, batch.num_anchors
+        )
+        return decoupled_feature_loss(
+            batch.student_feats,
+            batch.teacher_feats,
+            masks,
+            self.foreground_weight,
+            self.background_weight,
+        )
+
+
+@register_method("scorel2")
+class ScoreWeightedImitation(DistillMethod):
+    """Imitation weighted by the teacher's top class probability (SPEC 2.4)."""
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return score_weighted_imitation(
+            batch.student_feats, batch.teacher_feats, batch.teacher_logits
+        )
