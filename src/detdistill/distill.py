@@ -1,0 +1,218 @@
+"""The Distiller: a frozen teacher, a trainable student, adapters and the chosen methods.
+
+One forward pass gives every loss term by name (the detector's own terms and
+each weighted distillation term), so logs always show what each method adds
+and a term that is silently zero or missing cannot hide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detdistill.losses import DistillBatch, build_method
+from detdistill.models.output import DetectorOutput
+
+
+class IncompatibleModelsError(ValueError):
+    """Teacher and student disagree on what the distillation terms compare."""
+
+
+def _transform_settings(model: nn.Module) -> dict[str, Any]:
+    transform = model.transform
+    return {
+        "image_mean": [float(x) for x in transform.image_mean],
+        "image_std": [float(x) for x in transform.image_std],
+        "min_size": tuple(transform.min_size),
+        "max_size": transform.max_size,
+        "size_divisible": transform.size_divisible,
+    }
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
+    """Raise :class:`IncompatibleModelsError` naming every disagreement.
+
+    RM compares the same candidate boxes and PFI the same feature-map locations
+    in both networks, so they must share levels, strides, anchors per location,
+    anchor shapes, classes, head type and input preprocessing (the teacher runs
+    on the student's batched tensor). Backbones and channel widths may differ:
+    adapters bridge the channels.
+    """
+    problems = []
+    checks = {
+        "head type": ("head_type", None),
+        "number of classes": ("num_classes", None),
+        "number of FPN levels": ("strides", len),
+        "FPN strides": ("strides", tuple),
+        "anchors per location": ("num_anchors_per_location", None),
+        "anchor sizes": ("anchor_sizes", None),
+        "anchor aspect ratios": ("aspect_ratios", None),
+    }
+    for label, (attr, convert) in checks.items():
+        t_value, s_value = getattr(teacher, attr, None), getattr(student, attr, None)
+        if convert is not None and t_value is not None and s_value is not None:
+            t_value, s_value = convert(t_value), convert(s_value)
+        if t_value != s_value:
+            problems.append(f"{label}: teacher {t_value!r} vs student {s_value!r}")
+    t_transform, s_transform = _transform_settings(teacher), _transform_settings(student)
+    for key, t_value in t_transform.items():
+        if t_value != s_transform[key]:
+            problems.append(f"input {key}: teacher {t_value!r} vs student {s_transform[key]!r}")
+    if problems:
+        raise IncompatibleModelsError(
+            "teacher and student cannot be distilled together: " + "; ".join(problems)
+        )
+
+
+def build_adapters(student_channels: int, teacher_channels: int, num_levels: int) -> nn.ModuleList:
+    """One 1x1 conv per level (student -> teacher channels), identity when they match."""
+    if student_channels == teacher_channels:
+        return nn.ModuleList(nn.Identity() for _ in range(num_levels))
+    return nn.ModuleList(
+        nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for _ in range(num_levels)
+    )
+
+
+class StudentWithAdapters(nn.Module):
+    """Everything trainable, in one module so DDP wraps exactly this (no unused parameters)."""
+
+    def __init__(self, student: nn.Module, adapters: nn.ModuleList):
+        super().__init__()
+        self.student = student
+        self.adapters = adapters
+
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        adapt: bool = True,
+    ) -> tuple[DetectorOutput, list[Tensor]]:
+        output = self.student.forward_batch(images, image_sizes, targets)
+        if not adapt:
+            return output, []
+        adapted = [adapter(f) for adapter, f in zip(self.adapters, output.features, strict=True)]
+        return output, adapted
+
+
+class Distiller(nn.Module):
+    """Teacher + student + adapters + weighted methods; ``forward`` returns named losses.
+
+    Args:
+        student: a detector from :mod:`detdistill.models`, trained.
+        teacher: a detector of the same head type, frozen here (eval mode,
+            ``requires_grad=False``, BatchNorm statistics untouched: it stays in
+            eval mode through every ``train()`` call).
+        methods: method name -> loss weight, e.g. ``{"rm": 4.0, "pfi": 1.5}``.
+        method_options: method name -> keyword options of that method.
+        teacher_half: run the teacher in float16 (CUDA only): it is never
+            trained, so half precision only costs a little accuracy of targets.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        methods: Mapping[str, float],
+        method_options: Mapping[str, Mapping[str, Any]] | None = None,
+        teacher_half: bool = False,
+    ):
+        super().__init__()
+        check_compatible(teacher, student)
+        method_options = dict(method_options or {})
+        unused = sorted(set(method_options) - set(methods))
+        if unused:
+            raise ValueError(f"options given for method(s) not selected: {', '.join(unused)}")
+        self.branch = StudentWithAdapters(
+            student,
+            build_adapters(student.out_channels, teacher.out_channels, len(student.strides)),
+        )
+        self.teacher = teacher
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+        self.teacher.eval()
+        self.methods = nn.ModuleDict(
+            {name: build_method(name, **method_options.get(name, {})) for name in methods}
+        )
+        self.weights = {name: float(weight) for name, weight in methods.items()}
+        self.teacher_half = teacher_half
+        self._runner: nn.Module = self.branch
+
+    @property
+    def student(self) -> nn.Module:
+        return self.branch.student
+
+    @property
+    def adapters(self) -> nn.ModuleList:
+        return self.branch.adapters
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> Distiller:
+        super().to(*args, **kwargs)
+        if self.teacher_half:
+            if next(self.teacher.parameters()).device.type != "cuda":
+                raise ValueError("teacher_half needs the teacher on a CUDA device")
+            self.teacher.half()
+        return self
+
+    def wrap_student(self, wrapper: nn.Module) -> None:
+        """Run the trainable branch through ``wrapper`` (a DDP of :attr:`branch`).
+
+        The wrapper is kept out of the module tree, so state dicts keep their keys.
+        """
+        if getattr(wrapper, "module", None) is not self.branch:
+            raise ValueError("the wrapper must wrap this Distiller's branch")
+        object.__setattr__(self, "_runner", wrapper)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.branch.parameters() if p.requires_grad]
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Named loss terms for one batch; distillation terms are already weighted."""
+        image_list, targets = self.student.transform(images, targets)
+        output, adapted = self._runner(
+            image_list.tensors, image_list.image_sizes, targets, adapt=bool(self.methods)
+        )
+        losses = dict(output.losses)
+        if not self.methods:
+            return losses
+        teacher_output = self.teacher_outputs(image_list.tensors, image_list.image_sizes)
+        batch = DistillBatch(
+            student_feats=adapted,
+            teacher_feats=teacher_output.features,
+            student_logits=output.cls_logits,
+            teacher_logits=teacher_output.cls_logits,
+            anchors=output.anchors,
+            gt_boxes=[t["boxes"] for t in targets],
+            gt_labels=[t["labels"] for t in targets],
+            matched_idxs=output.matched_idxs,
+            num_anchors=output.num_anchors_per_location,
+            num_classes=output.num_classes,
+            student_quality=output.quality,
+            teacher_quality=teacher_output.quality,
+        )
+        for name, method in self.methods.items():
+            if name in losses:
+                raise ValueError(f"distillation method {name!r} clashes with a detection loss name")
+            losses[name] = self.weights[name] * method(batch)
+        return losses
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> DetectorOutput:
+        """The teacher's raw outputs on the student's batch, in float32."""
+        if self.teacher_half:
+            images = images.half()
+        output = self.teacher.forward_batch(images, image_sizes)
+        if self.teacher_half:
+            output.features = [f.float() for f in output.features]
+            output.cls_logits = [z.float() for z in output.cls_logits]
+            if output.quality is not None:
+                output.quality = [q.float() for q in output.quality]
+        return output

@@ -1,0 +1,151 @@
+"""From config sections to objects: detectors, data sets, loaders, saved models.
+
+Kept apart from the training loop so that ``eval``, ``doctor``, ``analyze`` and
+``predict`` build things exactly the way training did.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from detdistill.data import (
+    CocoDetection,
+    VOCDetection,
+    build_transforms,
+    collate_fn,
+    make_embedded,
+)
+from detdistill.engine.checkpoint import load_checkpoint, load_state_dict_strict
+from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, config_from_dict
+from detdistill.engine.distributed import get_rank, get_world_size
+from detdistill.engine.sampling import ResumableBatchSampler
+from detdistill.models import build_detector
+
+log = logging.getLogger(__name__)
+
+
+def build_model(model_cfg: ModelConfig, image_size: int) -> nn.Module:
+    """The detector a ``model`` config section describes, for square-ish inputs of ``image_size``."""
+    kwargs: dict[str, Any] = {
+        "backbone": model_cfg.backbone,
+        "num_classes": model_cfg.num_classes,
+        "levels": tuple(model_cfg.levels),
+        "backbone_kwargs": dict(model_cfg.backbone_kwargs),
+        "weights_backbone": model_cfg.weights_backbone,
+        "min_size": image_size,
+        "max_size": image_size,
+    }
+    overlap = sorted(set(kwargs) & set(model_cfg.kwargs))
+    if overlap:
+        raise ConfigError(f"model.kwargs repeats {', '.join(overlap)}: set them on model.* instead")
+    kwargs.update(model_cfg.kwargs)
+    try:
+        return build_detector(model_cfg.name, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs: {exc}") from exc
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+
+
+def build_datasets(data_cfg: DataConfig, seed: int = 0, train: bool = True) -> DataSplits:
+    """Training and validation sets of a ``data`` section (embedded sets are generated once)."""
+    train_tf = build_transforms(
+        True, data_cfg.image_size, hflip=data_cfg.hflip, multiscale=data_cfg.multiscale
+    )
+    val_tf = build_transforms(False, data_cfg.image_size)
+    if data_cfg.format == "embedded":
+        paths = make_embedded(
+            data_cfg.name,
+            Path(data_cfg.root) / data_cfg.name,
+            num_train=data_cfg.num_train,
+            num_val=data_cfg.num_val,
+            seed=seed,
+            image_size=data_cfg.image_size,
+        )
+        train_set = CocoDetection(paths["train_images"], paths["train_annotations"], train_tf)
+        val_set = CocoDetection(
+            paths["val_images"], paths["val_annotations"], val_tf, class_names=train_set.class_names
+        )
+    elif data_cfg.format == "coco":
+        missing = [
+            key
+            for key in ("train_images", "train_annotations", "val_images", "val_annotations")
+            if getattr(data_cfg, key) is None and (train or key.startswith("val"))
+        ]
+        if missing:
+            raise ConfigError(f"data.format=coco needs data.{', data.'.join(missing)}")
+        val_set = CocoDetection(data_cfg.val_images, data_cfg.val_annotations, val_tf)
+        train_set = (
+            CocoDetection(
+                data_cfg.train_images,
+                data_cfg.train_annotations,
+                train_tf,
+                class_names=val_set.class_names,
+            )
+            if train
+            else val_set
+        )
+    else:
+        val_set = VOCDetection(data_cfg.root, data_cfg.val_split, transforms=val_tf)
+        train_set = (
+            VOCDetection(
+                data_cfg.root,
+                data_cfg.train_split,
+                class_names=val_set.class_names,
+                transforms=train_tf,
+            )
+            if train
+            else val_set
+        )
+    return DataSplits(train_set, val_set, list(val_set.class_names))
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Ordered, this rank's share only (no padding duplicates that would count twice)."""
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        batch_size,
+        shuffle=False,
+        rank=get_rank(),
+        world_size=get_world_size(),
+        drop_last=False,
+    )
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    class_names: list[str]
+    payload: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.payload["config"]["data"]["image_size"])
+
+
+def load_detector(
+    checkpoint: str | Path,
+    model_cfg: ModelConfig | None = None,
+    map_location: str | torch.device = "cpu",
+) -> LoadedModel:
+    """A detector rebuilt from a ``model.pt`` (its own saved config unless one is given), loaded strictly."""
+    payload = load_checkpoint(checkpoint, map_location=map_location)
+    saved = config_from_dict(payload["config"])
+    model = build_model(model_cfg or saved.model, saved.data.image_size)
+    load_state_dict_strict(model, payload["model"], f"detector weights in {checkpoint}")
+    return LoadedModel(model, list(payload["class_names"]), payload)

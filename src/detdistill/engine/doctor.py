@@ -1,0 +1,168 @@
+"""Checks before a long run: the failures that otherwise show up hours later.
+
+Run by ``detdistill doctor CONFIG`` and at the start of every ``distill``:
+weights load strictly, the teacher actually detects (its validation mAP), the
+teacher and student are compatible, every level's shapes, and each loss term's
+size at step 0 next to the detection loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Subset
+
+from detdistill.distill import Distiller, IncompatibleModelsError
+from detdistill.engine.builders import build_datasets, build_eval_loader, build_model, load_detector
+from detdistill.engine.checkpoint import CheckpointError
+from detdistill.engine.config import Config
+from detdistill.engine.distributed import resolve_device
+from detdistill.evaluation import evaluate
+
+MIN_TEACHER_MAP = 0.02
+LOSS_RATIO_LIMIT = 100.0
+TEACHER_EVAL_IMAGES = 500
+
+
+@dataclass
+class DoctorReport:
+    lines: list[tuple[str, str]] = field(default_factory=list)  # (status, message)
+
+    def add(self, status: str, message: str) -> None:
+        self.lines.append((status, message))
+
+    @property
+    def ok(self) -> bool:
+        return all(status != "FAIL" for status, _ in self.lines)
+
+    def render(self) -> str:
+        body = "\n".join(f"[{status:4s}] {message}" for status, message in self.lines)
+        verdict = "all checks passed" if self.ok else "some checks FAILED: fix them before training"
+        return f"detdistill doctor\n{body}\n{verdict}"
+
+
+def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> DoctorReport:
+    """Run every check that applies to ``cfg`` and collect the findings (never raises for them)."""
+    report = DoctorReport()
+    device = resolve_device(cfg.device)
+    data = build_datasets(cfg.data, seed=cfg.seed)
+    report.add(
+        "OK",
+        f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes",
+    )
+    student = build_model(cfg.model, cfg.data.image_size).to(device)
+    n_params = sum(p.numel() for p in student.parameters())
+    report.add(
+        "OK", f"student {cfg.model.name}/{cfg.model.backbone}: {n_params / 1e6:.2f} M parameters"
+    )
+    if cfg.model.num_classes != len(data.class_names):
+        report.add(
+            "FAIL",
+            f"model.num_classes={cfg.model.num_classes} but the data has {len(data.class_names)} classes",
+        )
+        return report
+
+    teacher = None
+    if cfg.distill is not None:
+        try:
+            loaded = load_detector(
+                cfg.distill.teacher_checkpoint, cfg.distill.teacher_model, device
+            )
+        except CheckpointError as exc:
+            report.add("FAIL", f"teacher checkpoint: {exc}")
+            return report
+        teacher = loaded.model.to(device).eval()
+        report.add("OK", f"teacher weights load strictly from {cfg.distill.teacher_checkpoint}")
+        if loaded.class_names != data.class_names:
+            report.add(
+                "FAIL",
+                f"teacher classes {loaded.class_names} differ from the data's {data.class_names}",
+            )
+            return report
+        subset = Subset(data.val, range(min(max_eval_images, len(data.val))))
+        loader = build_eval_loader(subset, cfg.data.batch_size, 0)
+        metrics = evaluate(teacher, loader, data.val, device=device, progress=False) or {}
+        teacher_map = float(metrics.get("mAP", 0.0))
+        status = "OK" if teacher_map >= MIN_TEACHER_MAP else "FAIL"
+        report.add(
+            status,
+            f"teacher mAP {100 * teacher_map:.1f} on {len(subset)} validation images"
+            + (
+                ""
+                if status == "OK"
+                else f" (below {100 * MIN_TEACHER_MAP:.0f}: wrong or untrained weights?)"
+            ),
+        )
+        try:
+            distiller = Distiller(
+                student, teacher, cfg.distill.methods, cfg.distill.method_options
+            ).to(device)
+        except (IncompatibleModelsError, ValueError) as exc:
+            report.add("FAIL", str(exc))
+            return report
+        report.add(
+            "OK", "teacher and student are compatible (levels, strides, anchors, classes, input)"
+        )
+    _check_step_zero(
+        report,
+        cfg,
+        data.train,
+        student,
+        teacher,
+        distiller if teacher is not None else None,
+        device,
+    )
+    return report
+
+
+def _check_step_zero(report, cfg, train_set, student, teacher, distiller, device) -> None:
+    """Shapes per level and every loss term's size on one batch, without an optimiser step."""
+    batch = [train_set[i] for i in range(min(cfg.data.batch_size, len(train_set)))]
+    images = [img.to(device) for img, _ in batch]
+    targets = [
+        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        for _, t in batch
+    ]
+    torch.manual_seed(cfg.seed)
+    student.train()
+    with torch.no_grad():
+        image_list, t_targets = student.transform(images, targets)
+        s_out = student.forward_batch(image_list.tensors, image_list.image_sizes, t_targets)
+        t_out = (
+            teacher.forward_batch(image_list.tensors, image_list.image_sizes)
+            if teacher is not None
+            else None
+        )
+        for level, stride in enumerate(student.strides):
+            line = (
+                f"level {level} (stride {stride}): student features {tuple(s_out.features[level].shape)}, "
+                f"logits {tuple(s_out.cls_logits[level].shape)}"
+            )
+            if t_out is not None:
+                line += (
+                    f"; teacher features {tuple(t_out.features[level].shape)}, "
+                    f"logits {tuple(t_out.cls_logits[level].shape)}"
+                )
+            report.add("OK", line)
+        positives = sum(int((m >= 0).sum()) for m in s_out.matched_idxs)
+        report.add(
+            "OK" if positives else "WARN", f"{positives} positive anchors in the first batch"
+        )
+        if distiller is None:
+            return
+        losses = distiller(images, targets)
+    detection = sum(float(losses[k]) for k in s_out.losses)
+    report.add("OK", f"detection loss at step 0: {detection:.4f}")
+    for name in distiller.methods:
+        value = float(losses[name])
+        ratio = value / detection if detection > 0 else float("inf")
+        if value == 0.0:
+            report.add("WARN", f"{name}: exactly 0 at step 0 (no candidates? identical networks?)")
+        elif ratio > LOSS_RATIO_LIMIT or ratio < 1 / LOSS_RATIO_LIMIT:
+            report.add(
+                "WARN",
+                f"{name}: {value:.4g} weighted, {ratio:.3g}x the detection loss: check its weight",
+            )
+        else:
+            report.add("OK", f"{name}: {value:.4g} weighted, {ratio:.3g}x the detection loss")

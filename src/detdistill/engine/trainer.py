@@ -1,0 +1,401 @@
+"""The training loop behind ``detdistill train`` and ``detdistill distill``.
+
+One loop for both: a plain run optimises the detector's own losses, a
+distillation run the same plus the weighted distillation terms of a
+:class:`~detdistill.distill.Distiller`. Everything a resumed run needs is saved
+every epoch and on Ctrl-C, so a resumed run continues the same curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from detdistill.data import collate_fn
+from detdistill.distill import Distiller
+from detdistill.engine.builders import (
+    DataSplits,
+    build_datasets,
+    build_eval_loader,
+    build_model,
+    load_detector,
+)
+from detdistill.engine.checkpoint import (
+    STATE_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    capture_rng_state,
+    file_sha256,
+    load_checkpoint,
+    make_weights_payload,
+    restore_rng_state,
+    save_checkpoint,
+)
+from detdistill.engine.config import Config, TrainConfig, config_to_dict, save_config
+from detdistill.engine.distributed import DistInfo, barrier, init_distributed, reduce_dict_mean
+from detdistill.engine.metrics_log import MetricsLogger
+from detdistill.engine.sampling import ResumableBatchSampler, SeededAugmentation
+from detdistill.engine.schedule import build_scheduler, lr_factor
+from detdistill.evaluation import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    epoch: int
+    step: int
+    status: str  # "completed", "interrupted" or "max_steps"
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on norms and biases (1-D tensors), as is usual for detectors."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, dict[str, str]]:
+    """The teacher, loaded strictly from its checkpoint; returns it with its path and hash."""
+    assert cfg.distill is not None
+    path = Path(cfg.distill.teacher_checkpoint)
+    loaded = load_detector(path, cfg.distill.teacher_model)
+    return loaded.model.to(device), {"path": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+class Trainer:
+    """Owns the model(s), optimiser state and run directory of one run."""
+
+    def __init__(self, cfg: Config, data: DataSplits | None = None, show_progress: bool = True):
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.output_dir)
+        self.show_progress = show_progress and self.dist.is_main
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts)
+
+        self.data = data or build_datasets(cfg.data, seed=cfg.seed)
+        if cfg.model.num_classes != len(self.data.class_names):
+            raise ValueError(
+                f"model.num_classes is {cfg.model.num_classes} but the data has "
+                f"{len(self.data.class_names)} classes: {', '.join(self.data.class_names)}"
+            )
+        self.model = build_model(cfg.model, cfg.data.image_size).to(self.device)
+        self.distiller: Distiller | None = None
+        self.teacher_info: dict[str, str] | None = None
+        if cfg.distill is not None:
+            teacher, self.teacher_info = load_teacher(cfg, self.device)
+            self.distiller = Distiller(
+                self.model,
+                teacher,
+                cfg.distill.methods,
+                cfg.distill.method_options,
+                teacher_half=cfg.distill.teacher_half,
+            ).to(self.device)
+            trainable: nn.Module = self.distiller.branch
+        else:
+            trainable = self.model
+        self.trainable = trainable
+        self.runner: nn.Module = trainable
+        if self.dist.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = DistributedDataParallel(trainable, device_ids=device_ids)
+            if self.distiller is not None:
+                self.distiller.wrap_student(self.runner)
+
+        params = [p for p in trainable.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, cfg.train)
+        self.train_set = SeededAugmentation(self.data.train, cfg.seed)
+        self.sampler = ResumableBatchSampler(
+            len(self.train_set),
+            cfg.data.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.iters_per_epoch = self.sampler.batches_per_epoch()
+        total = cfg.train.epochs * self.iters_per_epoch
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            lr_factor(
+                cfg.train.schedule,
+                total,
+                self.iters_per_epoch,
+                min(cfg.train.warmup_iters, total),
+                cfg.train.warmup_factor,
+                cfg.train.milestones,
+                cfg.train.gamma,
+            ),
+        )
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.ema = (
+            AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
+            )
+            if cfg.train.ema
+            else None
+        )
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.step = 0
+        self.metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ state
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _save(self) -> None:
+        if not self.dist.is_main:
+            return
+        config = config_to_dict(self.cfg)
+        weights = make_weights_payload(
+            self.eval_model().state_dict(),
+            config,
+            self.data.class_names,
+            self.epoch,
+            self.step,
+            self.metrics,
+        )
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": capture_rng_state(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "metrics": self.metrics,
+            "config": config,
+        }
+        if self.distiller is not None:
+            state["adapters"] = self.distiller.adapters.state_dict()
+            state["teacher"] = self.teacher_info
+        save_checkpoint(self.run_dir / STATE_FILE, state)
+        save_checkpoint(self.run_dir / WEIGHTS_FILE, weights)
+
+    def resume(self) -> None:
+        """Continue from ``last_state.pt`` of the run directory."""
+        path = self.run_dir / STATE_FILE
+        if not path.exists():
+            raise CheckpointError(f"nothing to resume: {path} does not exist")
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.distiller is not None:
+            self.distiller.adapters.load_state_dict(state["adapters"])
+            saved = state.get("teacher") or {}
+            if saved.get("sha256") != self.teacher_info["sha256"]:
+                raise CheckpointError(
+                    f"the teacher changed since this run started: it was {saved.get('path')} "
+                    f"(sha256 {str(saved.get('sha256'))[:12]}), now {self.teacher_info['path']} "
+                    f"(sha256 {self.teacher_info['sha256'][:12]})"
+                )
+        restore_rng_state(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.step = int(state["step"])
+        self.metrics = dict(state.get("metrics") or {})
+        if self.batch_in_epoch >= self.iters_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    # ------------------------------------------------------------------ loop
+
+    def _loader(self) -> DataLoader:
+        self.train_set.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        return DataLoader(
+            self.train_set,
+            batch_sampler=self.sampler,
+            collate_fn=collate_fn,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Named loss terms of one batch (weighted distillation terms included)."""
+        with torch.autocast(self.device.type, enabled=self.amp):
+            if self.distiller is not None:
+                return self.distiller(images, targets)
+            return self.runner(images, targets).losses
+
+    def train_step(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        images = [img.to(self.device, non_blocking=True) for img in images]
+        targets = [
+            {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in t.items()}
+            for t in targets
+        ]
+        losses = self.losses(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            bad = [name for name, value in losses.items() if not torch.isfinite(value)]
+            raise NonFiniteLossError(
+                f"loss term(s) {', '.join(bad)} became non-finite at step {self.step} "
+                f"(epoch {self.epoch + 1}); the last good checkpoint in {self.run_dir} is kept. "
+                "Lower train.lr or the method weights, or enable train.grad_clip."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        losses["total"] = total
+        return {k: v.detach() for k, v in losses.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        loader = build_eval_loader(
+            self.data.val, self.cfg.data.batch_size, self.cfg.data.num_workers
+        )
+        result = evaluate(self.eval_model(), loader, self.data.val, device=self.device)
+        return {k: float(v) for k, v in (result or {}).items() if isinstance(v, (int, float))}
+
+    def fit(self) -> RunResult:
+        """Train to the end (or ``max_steps``), evaluating and checkpointing every epoch."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        history: list[dict[str, Any]] = []
+        status = "completed"
+        with MetricsLogger(self.run_dir, enabled=self.dist.is_main) as logger:
+            try:
+                while self.epoch < cfg.train.epochs:
+                    if self._train_epoch(logger):
+                        status = "max_steps"
+                        break
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    if self.epoch % cfg.train.eval_interval == 0 or self.epoch == cfg.train.epochs:
+                        self.metrics = self.evaluate()
+                        record = {
+                            "epoch": self.epoch,
+                            "step": self.step,
+                            **{f"val/{k}": v for k, v in self.metrics.items()},
+                        }
+                        logger.log(record)
+                        history.append(record)
+                        if self.show_progress:
+                            tqdm.write(
+                                f"epoch {self.epoch}/{cfg.train.epochs}: "
+                                + "  ".join(
+                                    f"{k} {self.metrics[k]:.4f}"
+                                    for k in ("mAP", "AP50", "AP75")
+                                    if k in self.metrics
+                                )
+                            )
+                    self._save()
+                    barrier()
+            except KeyboardInterrupt:
+                status = "interrupted"
+                self._save()
+                log.warning(
+                    "interrupted at step %d; saved %s. Continue with --resume.",
+                    self.step,
+                    self.run_dir / STATE_FILE,
+                )
+        if status == "max_steps":
+            self.metrics = self.evaluate()
+            self._save()
+        if self.dist.is_main:
+            summary = {
+                "status": status,
+                "epoch": self.epoch,
+                "step": self.step,
+                "metrics": self.metrics,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return RunResult(self.run_dir, self.metrics, self.epoch, self.step, status, history)
+
+    def _train_epoch(self, logger: MetricsLogger) -> bool:
+        """One epoch from ``batch_in_epoch``; True when ``max_steps`` was reached."""
+        cfg = self.cfg
+        self.model.train()
+        if self.distiller is not None:
+            self.distiller.train()
+        loader = self._loader()
+        bar = tqdm(
+            loader,
+            total=len(loader),
+            desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        seen, start = 0, time.perf_counter()
+        for images, targets in bar:
+            losses = self.train_step(images, targets)
+            self.step += 1
+            self.batch_in_epoch += 1
+            seen += len(images) * self.dist.world_size
+            if (
+                self.step % cfg.train.log_interval == 0
+                or self.batch_in_epoch == self.iters_per_epoch
+            ):
+                values = {k: float(v) for k, v in reduce_dict_mean(losses).items()}
+                rate = seen / max(time.perf_counter() - start, 1e-9)
+                logger.log(
+                    {
+                        "epoch": self.epoch + self.batch_in_epoch / self.iters_per_epoch,
+                        "step": self.step,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_s": rate,
+                        **{f"loss/{k}": v for k, v in values.items()},
+                    }
+                )
+                bar.set_postfix(
+                    {**{k: f"{v:.3f}" for k, v in values.items()}, "img/s": f"{rate:.0f}"}
+                )
+            if cfg.train.max_steps is not None and self.step >= cfg.train.max_steps:
+                return True
+        return False
+
+
+def run(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
+    """Train (or distil, when ``cfg.distill`` is set) and return the final metrics."""
+    trainer = Trainer(cfg, show_progress=show_progress)
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+    if not math.isfinite(sum(result.metrics.values()) if result.metrics else 0.0):
+        log.warning("evaluation returned non-finite metrics: %s", result.metrics)
+    return result
