@@ -307,13 +307,9 @@ class Trainer:
                     self.batch_in_epoch = 0
                     if self.epoch % cfg.train.eval_interval == 0 or self.epoch == cfg.train.epochs:
                         self.metrics = self.evaluate()
-                        record = {
-                            "epoch": self.epoch,
-                            "step": self.step,
-                            **{f"val/{k}": v for k, v in self.metrics.items()},
-                        }
-                        logger.log(record)
-                        history.append(record)
+                        record = {f"val/{k}": v for k, v in self.metrics.items()}
+                        logger.log(record, step=self.step, epoch=self.epoch)
+                        history.append({"epoch": self.epoch, "step": self.step, **record})
                         if self.show_progress:
                             tqdm.write(
                                 f"epoch {self.epoch}/{cfg.train.epochs}: "
@@ -375,12 +371,12 @@ class Trainer:
                 rate = seen / max(time.perf_counter() - start, 1e-9)
                 logger.log(
                     {
-                        "epoch": self.epoch + self.batch_in_epoch / self.iters_per_epoch,
-                        "step": self.step,
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "images_per_s": rate,
                         **{f"loss/{k}": v for k, v in values.items()},
-                    }
+                    },
+                    step=self.step,
+                    epoch=self.epoch + 1,
                 )
                 bar.set_postfix(
                     {**{k: f"{v:.3f}" for k, v in values.items()}, "img/s": f"{rate:.0f}"}
