@@ -1,0 +1,43 @@
+"""Detection data: COCO and VOC loaders, transforms, batching and the embedded data sets.
+
+Samples follow one convention (see :class:`DetectionDataset`): a float32 RGB
+image in [0, 1] and a target with ``boxes`` (xyxy, pixels of the returned
+image), contiguous ``labels``, ``image_id``, ``orig_size`` and ``size``.
+"""
+
+from detdistill.data.base import DetectionDataset, ImageRecord
+from detdistill.data.classes import VOC_CLASSES, check_class_names, resolve_class_names
+from detdistill.data.coco import CocoDetection
+from detdistill.data.embedded import EMBEDDED_DATASETS, make_embedded
+from detdistill.data.errors import (
+    AnnotationFormatError,
+    ClassMismatchError,
+    DataError,
+    ImageReadError,
+)
+from detdistill.data.loader import build_loader, collate_fn
+from detdistill.data.problems import PROBLEM_KINDS, DataProblems
+from detdistill.data.transforms import build_transforms
+from detdistill.data.voc import VOCDetection, parse_voc_xml
+
+__all__ = [
+    "EMBEDDED_DATASETS",
+    "PROBLEM_KINDS",
+    "VOC_CLASSES",
+    "AnnotationFormatError",
+    "ClassMismatchError",
+    "CocoDetection",
+    "DataError",
+    "DataProblems",
+    "DetectionDataset",
+    "ImageReadError",
+    "ImageRecord",
+    "VOCDetection",
+    "build_loader",
+    "build_transforms",
+    "check_class_names",
+    "collate_fn",
+    "make_embedded",
+    "parse_voc_xml",
+    "resolve_class_names",
+]

@@ -1,0 +1,52 @@
+"""Image decoding that fails with a clear :class:`ImageReadError`, never deep in the stack.
+
+Why PIL: it raises on truncated files (``image file is truncated``) instead of
+returning a half-grey image, reads only the header when asked for the size,
+and handles every mode COCO and VOC contain (greyscale, CMYK, palette).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from detdistill.data.errors import ImageReadError
+
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode ``path`` to an RGB ``uint8`` array of shape (H, W, 3).
+
+    EXIF orientation is deliberately *not* applied: COCO and VOC boxes refer to
+    the stored pixel grid.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+        return np.array(rgb, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    except FileNotFoundError as exc:
+        raise ImageReadError(path, "file not found", kind="missing_image") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` from the file header only (cheap: no pixel decoding)."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except FileNotFoundError as exc:
+        raise ImageReadError(path, "file not found", kind="missing_image") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+    return int(height), int(width)

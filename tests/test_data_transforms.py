@@ -1,0 +1,168 @@
+"""Transforms keep boxes consistent with pixels; the loader batches and shuffles reproducibly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DistributedSampler
+from torchvision import tv_tensors
+
+from detdistill.data import CocoDetection, build_loader, build_transforms, collate_fn
+
+
+def sample(h: int = 100, w: int = 200, boxes=((10.0, 20.0, 50.0, 60.0),)):
+    image = tv_tensors.Image(
+        torch.randint(
+            0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
+    )
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h, w)),
+        "labels": torch.arange(len(boxes)),
+        "image_id": 5,
+        "orig_size": (h, w),
+    }
+    return image, target
+
+
+@pytest.mark.parametrize(
+    ("train", "size", "multiscale", "expected_size", "expected_box"),
+    [
+        (False, 100, (), (50, 100), [5.0, 10.0, 25.0, 30.0]),  # longest side 200 -> 100
+        (False, 400, (), (200, 400), [20.0, 40.0, 100.0, 120.0]),  # upscaling too
+        (True, 999, (64,), (32, 64), [3.2, 6.4, 16.0, 19.2]),  # multiscale overrides image_size
+    ],
+)
+def test_resize_longest_side(train, size, multiscale, expected_size, expected_box):
+    tf = build_transforms(train, size, hflip=0.0, multiscale=multiscale)
+    image, target = tf(*sample())
+    assert tuple(image.shape[-2:]) == expected_size
+    assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
+    torch.testing.assert_close(
+        target["boxes"].as_subclass(torch.Tensor), torch.tensor([expected_box])
+    )
+    assert target["image_id"] == 5 and tuple(target["orig_size"]) == (100, 200)
+
+
+def test_flip_moves_boxes_with_pixels():
+    flip = build_transforms(True, 100, hflip=1.0)
+    keep = build_transforms(True, 100, hflip=0.0)
+    image_f, target_f = flip(*sample())
+    image_k, _ = keep(*sample())
+    # x -> W' - x with W' = 100 after resizing: [5, 10, 25, 30] -> [75, 10, 95, 30]
+    torch.testing.assert_close(
+        target_f["boxes"].as_subclass(torch.Tensor), torch.tensor([[75.0, 10, 95, 30]])
+    )
+    torch.testing.assert_close(
+        image_f.as_subclass(torch.Tensor), image_k.as_subclass(torch.Tensor).flip(-1)
+    )
+
+
+def test_multiscale_draws_from_the_list():
+    tf = build_transforms(True, 128, hflip=0.5, multiscale=(60, 80, 100))
+    torch.manual_seed(0)
+    sizes = {tf(*sample())[0].shape[-1] for _ in range(30)}
+    assert sizes == {60, 80, 100}
+
+
+def test_tiny_boxes_dropped_in_training_only():
+    boxes = ((10.0, 20.0, 50.0, 60.0), (0.0, 0.0, 1.0, 1.0))  # the second is 0.5 px after resizing
+    _, train_t = build_transforms(True, 100, hflip=0.0)(*sample(boxes=boxes))
+    _, eval_t = build_transforms(False, 100)(*sample(boxes=boxes))
+    assert train_t["labels"].tolist() == [0] and len(train_t["boxes"]) == 1
+    assert eval_t["labels"].tolist() == [0, 1]
+
+
+def write_dataset(tmp_path: Path, n: int = 6) -> CocoDetection:
+    (tmp_path / "img").mkdir()
+    images, anns = [], []
+    for i in range(1, n + 1):
+        Image.fromarray(np.full((100, 200, 3), i * 20, np.uint8)).save(
+            tmp_path / "img" / f"{i}.png"
+        )
+        images.append({"id": i, "file_name": f"{i}.png", "width": 200, "height": 100})
+        anns.append({"id": 2 * i, "image_id": i, "category_id": 1, "bbox": [10, 20, 40, 40]})
+        anns.append({"id": 2 * i + 1, "image_id": i, "category_id": 1, "bbox": [100, 50, 1, 1]})
+    path = tmp_path / "ann.json"
+    path.write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]})
+    )
+    return CocoDetection(tmp_path / "img", path)
+
+
+def test_dataset_counts_boxes_dropped_by_transforms(tmp_path, caplog):
+    ds = write_dataset(tmp_path)
+    ds.transforms = build_transforms(True, 100, hflip=0.0)
+    with caplog.at_level("WARNING", logger="detdistill.data"):
+        image, target = ds[0]
+        ds[1]
+    assert ds.problems.counts == {"dropped_by_transform": 2}
+    assert sum("dropped" in r.getMessage() for r in caplog.records) == 1  # warned once, then DEBUG
+    assert target["size"] == (50, 100) and target["orig_size"] == (100, 200)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[5.0, 10, 25, 30]]))
+    assert type(image) is torch.Tensor and type(target["boxes"]) is torch.Tensor
+
+
+def test_collate_keeps_lists():
+    a, b = (torch.zeros(3, 4, 5), {"image_id": 1}), (torch.zeros(3, 6, 7), {"image_id": 2})
+    images, targets = collate_fn([a, b])
+    assert [tuple(i.shape) for i in images] == [(3, 4, 5), (3, 6, 7)]
+    assert [t["image_id"] for t in targets] == [1, 2]
+    assert collate_fn([]) == ([], [])
+
+
+def order(loader, epochs: int = 2) -> list[list[int]]:
+    return [[t["image_id"] for _, targets in loader for t in targets] for _ in range(epochs)]
+
+
+def test_seeded_shuffling(tmp_path):
+    ds = write_dataset(tmp_path)
+    a = order(build_loader(ds, 2, train=True, seed=1))
+    b = order(build_loader(ds, 2, train=True, seed=1))
+    c = order(build_loader(ds, 2, train=True, seed=2))
+    assert a == b and a != c
+    assert a[0] != a[1] and sorted(a[0]) == list(range(1, 7))
+    assert order(build_loader(ds, 4, train=False), 1) == [[1, 2, 3, 4, 5, 6]]
+
+
+def test_random_transforms_reproducible_with_workers(tmp_path):
+    ds = write_dataset(tmp_path)
+    ds.transforms = build_transforms(True, 100, hflip=0.5)
+
+    def boxes(seed):
+        loader = build_loader(ds, 3, train=True, num_workers=2, seed=seed)
+        return [t["boxes"][0, 0].item() for _, targets in loader for t in targets]
+
+    first, again, other = boxes(0), boxes(0), boxes(5)
+    assert first == again
+    assert first != other
+    assert set(first) <= {5.0, 75.0}
+
+
+def test_distributed_sampler(tmp_path, monkeypatch):
+    ds = write_dataset(tmp_path)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        loader = build_loader(ds, 2, train=True, distributed=True, seed=3)
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.seed == 3
+        loader.sampler.set_epoch(0)
+        e0 = order(loader, 1)[0]
+        loader.sampler.set_epoch(1)
+        e1 = order(loader, 1)[0]
+        assert sorted(e0) == sorted(e1) == list(range(1, 7)) and e0 != e1
+        assert not build_loader(ds, 2, train=False, distributed=True).sampler.shuffle
+    finally:
+        dist.destroy_process_group()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
