@@ -48,13 +48,16 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
         "number of FPN levels": ("strides", len),
         "FPN strides": ("strides", tuple),
         "anchors per location": ("num_anchors_per_location", None),
-        "anchor sizes": ("anchor_sizes", None),
-        "anchor aspect ratios": ("aspect_ratios", None),
     }
     for label, (attr, convert) in checks.items():
         t_value, s_value = getattr(teacher, attr, None), getattr(student, attr, None)
         if convert is not None and t_value is not None and s_value is not None:
             t_value, s_value = convert(t_value), convert(s_value)
+        if t_value != s_value:
+            problems.append(f"{label}: teacher {t_value!r} vs student {s_value!r}")
+    for label, attr in (("anchor sizes", "sizes"), ("anchor aspect ratios", "aspect_ratios")):
+        t_value = getattr(getattr(teacher, "anchor_generator", None), attr, None)
+        s_value = getattr(getattr(student, "anchor_generator", None), attr, None)
         if t_value != s_value:
             problems.append(f"{label}: teacher {t_value!r} vs student {s_value!r}")
     t_transform, s_transform = _transform_settings(teacher), _transform_settings(student)

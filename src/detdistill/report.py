@@ -12,7 +12,10 @@ COLUMNS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def metrics_table(rows: Mapping[str, Mapping[str, float]], baseline: str | None = None) -> str:
-    """A fixed-width table of COCO metrics (in %), one row per run; with ``baseline``, a gain column."""
+    """A fixed-width table of COCO metrics (in %), one row per run; with ``baseline``, a gain column.
+
+    COCOeval's -1 ("no ground truth of that size") shows as "-".
+    """
     width = max([len(name) for name in rows] + [8])
     header = f"{'run':{width}s} " + " ".join(f"{c:>6s}" for c in COLUMNS)
     if baseline is not None:
@@ -21,7 +24,9 @@ def metrics_table(rows: Mapping[str, Mapping[str, float]], baseline: str | None 
     base = rows.get(baseline, {}) if baseline else {}
     for name, metrics in rows.items():
         cells = " ".join(
-            f"{100 * metrics[c]:6.1f}" if isinstance(metrics.get(c), (int, float)) else f"{'-':>6s}"
+            f"{100 * metrics[c]:6.1f}"
+            if isinstance(metrics.get(c), (int, float)) and metrics[c] >= 0
+            else f"{'-':>6s}"
             for c in COLUMNS
         )
         line = f"{name:{width}s} {cells}"

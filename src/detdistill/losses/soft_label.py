@@ -44,7 +44,10 @@ def soft_label_kd_loss(
     z_s = student_logits / temperature
     z_t = teacher_logits.detach() / temperature
     p_t = z_t.sigmoid()
-    cross_entropy = F.binary_cross_entropy_with_logits(z_s, p_t, reduction="none")
-    entropy = F.binary_cross_entropy_with_logits(z_t, p_t, reduction="none")
+    # The binary KL written with log-sigmoids: no cancellation of two large
+    # cross-entropies, so near-identical networks give a tiny non-negative value.
+    kl = p_t * (F.logsigmoid(z_t) - F.logsigmoid(z_s)) + (1 - p_t) * (
+        F.logsigmoid(-z_t) - F.logsigmoid(-z_s)
+    )
     num_anchors = student_logits.numel() // student_logits.shape[-1]
-    return (cross_entropy - entropy).sum() * temperature**2 / num_anchors
+    return kl.sum() * temperature**2 / num_anchors

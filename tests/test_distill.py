@@ -1,0 +1,136 @@
+"""The Distiller on tiny teacher/student pairs of every detector type and method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detdistill.distill import Distiller, IncompatibleModelsError
+from detdistill.losses import list_methods
+from detdistill.models import build_detector, list_detectors
+
+SIZE = 64
+
+
+def tiny(name: str = "retinanet", width: int = 8, num_classes: int = 3, **kwargs):
+    torch.manual_seed(width)
+    kwargs = {"levels": (3, 4, 5), "min_size": SIZE, "max_size": SIZE, **kwargs}
+    return build_detector(
+        name, backbone="tiny", backbone_kwargs={"width": width}, num_classes=num_classes, **kwargs
+    )
+
+
+def batch(num_images: int = 2):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, SIZE, SIZE, generator=g) for _ in range(num_images)]
+    targets = [
+        {
+            "boxes": torch.tensor([[8.0, 8.0, 30.0, 36.0], [34.0, 20.0, 60.0, 50.0]]),
+            "labels": torch.tensor([0, 2]),
+        },
+        {"boxes": torch.tensor([[4.0, 30.0, 24.0, 60.0]]), "labels": torch.tensor([1])},
+    ][:num_images]
+    return images, targets
+
+
+def teacher_snapshot(distiller: Distiller) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+
+
+@pytest.mark.parametrize("detector", list_detectors())
+def test_distillation_step_every_method(detector):
+    distiller = Distiller(tiny(detector, 8), tiny(detector, 16), {m: 1.0 for m in list_methods()})
+    distiller.train()
+    before = teacher_snapshot(distiller)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
+    images, targets = batch()
+    for _ in range(2):
+        losses = distiller(images, targets)
+        assert set(list_methods()) <= set(losses)
+        assert {"classification", "bbox_regression"} <= set(losses)
+        for name, value in losses.items():
+            assert value.dim() == 0 and torch.isfinite(value), name
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert all(not p.requires_grad for p in distiller.teacher.parameters())
+    trainable = {id(p) for p in distiller.trainable_parameters()}
+    assert trainable == {id(p) for p in distiller.branch.parameters() if p.requires_grad}
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.adapters.parameters()
+    )
+    after = distiller.teacher.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"teacher {key} changed"
+    assert not distiller.teacher.training
+
+
+def test_each_method_term_reaches_the_student():
+    images, targets = batch()
+    for method in list_methods():
+        distiller = Distiller(tiny(width=8), tiny(width=16), {method: 1.0})
+        distiller.train()
+        loss = distiller(images, targets)[method]
+        assert torch.isfinite(loss) and loss.item() > -1e-6, method
+        loss.backward()
+        grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), method
+
+
+def test_teacher_stays_in_eval_mode_and_is_not_in_student_state():
+    distiller = Distiller(tiny(width=8), tiny(width=16), {"rm": 4.0, "pfi": 1.5})
+    distiller.train()
+    assert distiller.student.training and not distiller.teacher.training
+    assert all(not m.training for m in distiller.teacher.modules())
+    student_keys = set(distiller.student.state_dict())
+    assert student_keys == set(tiny(width=8).state_dict())
+
+
+def test_weights_scale_the_terms():
+    images, targets = batch()
+    torch.manual_seed(0)
+    a = Distiller(tiny(width=8), tiny(width=16), {"pfi": 1.0})
+    b = Distiller(tiny(width=8), tiny(width=16), {"pfi": 3.0})
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    # eval mode: BatchNorm uses running stats, so both see identical features
+    a.branch.student.train(False)
+    with torch.no_grad():
+        la = a(images, targets)["pfi"]
+        lb = b(images, targets)["pfi"]
+    assert lb.item() == pytest.approx(3 * la.item(), rel=1e-5)
+
+
+def test_same_channels_use_identity_adapters():
+    distiller = Distiller(tiny(width=8), tiny(width=8), {"fitnet": 1.0})
+    assert all(isinstance(a, torch.nn.Identity) for a in distiller.adapters)
+
+
+@pytest.mark.parametrize(
+    ("teacher_kwargs", "message"),
+    [
+        ({"levels": (3, 4)}, "number of FPN levels"),
+        ({"num_classes": 4}, "number of classes"),
+        ({"aspect_ratios": (1.0,)}, "anchors per location"),
+        ({"min_size": 96, "max_size": 96}, "input min_size"),
+    ],
+)
+def test_incompatible_pairs_fail_at_build_time(teacher_kwargs, message):
+    num_classes = teacher_kwargs.pop("num_classes", 3)
+    teacher = tiny(width=16, num_classes=num_classes, **teacher_kwargs)
+    with pytest.raises(IncompatibleModelsError, match=message):
+        Distiller(tiny(width=8), teacher, {"rm": 1.0})
+
+
+def test_different_head_types_fail():
+    with pytest.raises(IncompatibleModelsError, match="head type"):
+        Distiller(tiny("retinanet"), tiny("fcos", 16), {"rm": 1.0})
+
+
+def test_method_options_must_belong_to_selected_methods():
+    with pytest.raises(ValueError, match="not selected: kd"):
+        Distiller(tiny(width=8), tiny(width=16), {"rm": 1.0}, {"kd": {"temperature": 2.0}})
+    with pytest.raises(ValueError, match="no option"):
+        Distiller(tiny(width=8), tiny(width=16), {"rm": 1.0}, {"rm": {"tau": 2.0}})
