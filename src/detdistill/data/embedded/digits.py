@@ -31,7 +31,7 @@ from detdistill.data.embedded.render import (
 
 CLASS_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 FILE_EXT = ".jpg"
-VERSION = 1
+VERSION = 2
 #: ``skimage.data`` images that ship inside the package (no download needed).
 PHOTOS: tuple[str, ...] = (
     "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "brick", "grass", "gravel",
@@ -40,6 +40,9 @@ PHOTOS: tuple[str, ...] = (
 )  # fmt: skip
 INK_THRESHOLD = 0.3  # alpha at or above this is "ink" for the box
 MAX_OVERLAP = 0.2  # intersection over the smaller box, between digits (and partial digits)
+# Digit heights at 128 px, log-uniform: small enough that a tiny detector must work for
+# them (stride 8 is the finest level), large enough to be learnable in a CPU budget.
+MIN_HEIGHT, MAX_HEIGHT = 16, 64
 _UPSAMPLE = 4  # digits are pre-upsampled 8x8 -> 32x32 with cubic splines, then sampled bilinearly
 
 
@@ -165,10 +168,10 @@ def _box(alpha: np.ndarray, rows: slice, cols: slice) -> tuple[int, int, int, in
 def _ink_colour(
     rng: np.random.Generator, canvas: np.ndarray, rows: slice, cols: slice
 ) -> np.ndarray:
-    """Pen-like (dark or greyish) 40 % of the time, any colour otherwise; faint 25 % of the time."""
+    """Pen-like (dark or greyish) 40 % of the time, any colour otherwise; faint 15 % of the time."""
     local = float(luminance(canvas[rows, cols].reshape(-1, 3).mean(0)))
     # mostly clear, sometimes faint: the faint tail is what separates big and small models
-    min_diff = rng.uniform(0.1, 0.2) if rng.random() < 0.25 else rng.uniform(0.25, 0.6)
+    min_diff = rng.uniform(0.1, 0.2) if rng.random() < 0.15 else rng.uniform(0.25, 0.6)
     colour = contrasting_colour(rng, local, min_diff)
     if rng.random() < 0.4:
         grey = float(luminance(colour))
@@ -195,7 +198,7 @@ def _distractors(
             glyph[:, keep:] = 0
         else:
             glyph[:, :-keep] = 0
-        height = float(np.exp(rng.uniform(np.log(10 * scale), np.log(50 * scale))))
+        height = float(np.exp(rng.uniform(np.log(MIN_HEIGHT * scale), np.log(MAX_HEIGHT * scale))))
         cx, cy = rng.uniform(height / 2, size - height / 2, 2)
         rows, cols, alpha = _render_digit(rng, glyph, height, size, cx, cy)
         box = _box(alpha, rows, cols)
@@ -239,7 +242,7 @@ def generate_scene(
     boxes: list[tuple[int, int, int, int]] = []
     labels: list[int] = []
     scale = size / 128
-    lo, hi = np.log(10 * scale), np.log(60 * scale)
+    lo, hi = np.log(MIN_HEIGHT * scale), np.log(MAX_HEIGHT * scale)
     n = int(rng.choice(6, p=[0.15, 0.2, 0.2, 0.2, 0.15, 0.1])) + 1
     while len(labels) < n:
         for _attempt in range(12):

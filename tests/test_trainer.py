@@ -1,0 +1,166 @@
+"""The training loop on tiny runs: files, resume, interruption, non-finite losses, distillation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from detdistill.engine.builders import load_detector
+from detdistill.engine.checkpoint import load_checkpoint
+from detdistill.engine.config import load_config
+from detdistill.engine.metrics_log import read_metrics
+from detdistill.engine.presets import preset_path
+from detdistill.engine.trainer import NonFiniteLossError, Trainer, run
+from detdistill.models import build_detector
+
+TINY = [
+    "data.name=shapes",
+    "data.num_train=24",
+    "data.num_val=8",
+    "data.image_size=64",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.hflip=0.5",
+    "model.num_classes=6",
+    "model.backbone_kwargs={width: 4, depth: 1}",
+    "train.epochs=2",
+    "train.warmup_iters=2",
+    "train.log_interval=1",
+]
+
+
+def tiny_config(tmp_path: Path, name: str, *extra: str, data_root: Path | None = None):
+    root = data_root or tmp_path / "data"
+    return load_config(
+        preset_path("digits_teacher"),
+        [*TINY, f"data.root={root}", f"output_dir={tmp_path / name}", *extra],
+    )
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path / "model.pt")["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared_data")
+
+
+def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, "run", data_root=data_root)
+    result = run(cfg, show_progress=False)
+    run_dir = tmp_path / "run"
+    for name in ("model.pt", "last_state.pt", "metrics.jsonl", "summary.json", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert result.status == "completed" and result.epoch == 2 and result.step == 12
+    assert set(result.metrics) >= {"mAP", "AP50", "AP75"}
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "loss/total" in r] == list(range(1, 13))
+    assert [r["epoch"] for r in records if "val/mAP" in r] == [1, 2]
+    payload = load_checkpoint(run_dir / "model.pt")
+    categories = json.loads((data_root / "shapes" / "train.json").read_text())["categories"]
+    assert payload["class_names"] == [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+    plain = build_detector(
+        "retinanet",
+        backbone="tiny",
+        backbone_kwargs={"width": 4, "depth": 1},
+        num_classes=6,
+        levels=(3, 4, 5),
+        min_size=64,
+        max_size=64,
+    )
+    plain.load_state_dict(payload["model"], strict=True)
+    loaded = load_detector(run_dir / "model.pt")
+    assert loaded.class_names == payload["class_names"]
+
+
+def test_resume_after_interruption_continues_the_same_curve(tmp_path, data_root, monkeypatch):
+    full = run(tiny_config(tmp_path, "full", data_root=data_root), show_progress=False)
+    assert full.status == "completed"
+
+    cfg = tiny_config(tmp_path, "cut", data_root=data_root)
+    trainer = Trainer(cfg, show_progress=False)
+    original = Trainer.train_step
+    calls = {"n": 0}
+
+    def interrupt_mid_epoch(self, images, targets):
+        calls["n"] += 1
+        if calls["n"] == 9:  # step 9 of 12: in the middle of epoch 2
+            raise KeyboardInterrupt
+        return original(self, images, targets)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_mid_epoch)
+    cut = trainer.fit()
+    assert cut.status == "interrupted" and cut.step == 8
+    monkeypatch.setattr(Trainer, "train_step", original)
+
+    resumed_trainer = Trainer(cfg, show_progress=False)
+    resumed_trainer.resume()
+    assert (resumed_trainer.epoch, resumed_trainer.batch_in_epoch, resumed_trainer.step) == (
+        1,
+        2,
+        8,
+    )
+    resumed = resumed_trainer.fit()
+    assert resumed.status == "completed" and resumed.step == 12
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+
+    def losses(run_dir):
+        return {r["step"]: r["loss/total"] for r in read_metrics(run_dir) if "loss/total" in r}
+
+    full_losses, cut_losses = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(cut_losses) == list(range(1, 13))
+    for step, value in full_losses.items():
+        assert cut_losses[step] == pytest.approx(value, rel=1e-5), step
+
+
+def test_non_finite_loss_stops_with_the_term_and_step(tmp_path, data_root, monkeypatch):
+    cfg = tiny_config(tmp_path, "nan", data_root=data_root)
+    trainer = Trainer(cfg, show_progress=False)
+    real = trainer.losses
+
+    def poisoned(images, targets):
+        losses = real(images, targets)
+        if trainer.step == 3:
+            losses["bbox_regression"] = losses["bbox_regression"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer, "losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"bbox_regression.*step 3"):
+        trainer.fit()
+
+
+def test_distillation_run_keeps_only_the_student(tmp_path, data_root):
+    teacher_cfg = tiny_config(tmp_path, "teacher", "train.epochs=1", data_root=data_root)
+    run(teacher_cfg, show_progress=False)
+    cfg = load_config(
+        preset_path("digits_distill"),
+        [
+            *TINY,
+            f"data.root={data_root}",
+            f"output_dir={tmp_path / 'student'}",
+            "model.backbone_kwargs={width: 2, depth: 1}",
+            f"distill.teacher_checkpoint={tmp_path / 'teacher' / 'model.pt'}",
+            "train.epochs=1",
+        ],
+    )
+    result = run(cfg, show_progress=False)
+    assert result.status == "completed"
+    records = [r for r in read_metrics(tmp_path / "student") if "loss/total" in r]
+    assert all({"loss/rm", "loss/pfi", "loss/classification"} <= set(r) for r in records)
+    student = load_detector(tmp_path / "student" / "model.pt").model
+    assert all(not k.startswith(("teacher", "adapters", "branch")) for k in student.state_dict())
+    state = load_checkpoint(tmp_path / "student" / "last_state.pt")
+    assert state["teacher"]["sha256"] and Path(state["teacher"]["path"]).name == "model.pt"
+    assert state["adapters"]  # 4 -> 2 wide necks differ, so 1x1 convs exist
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    assert summary["status"] == "completed"
