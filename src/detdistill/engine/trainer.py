@@ -99,7 +99,7 @@ class Trainer:
         self.show_progress = show_progress and self.dist.is_main
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts)
 
-        self.data = data or build_datasets(cfg.data, seed=cfg.seed)
+        self.data = data or self._build_data()
         if cfg.model.num_classes != len(self.data.class_names):
             raise ValueError(
                 f"model.num_classes is {cfg.model.num_classes} but the data has "
@@ -166,6 +166,15 @@ class Trainer:
         self.batch_in_epoch = 0
         self.step = 0
         self.metrics: dict[str, float] = {}
+
+    def _build_data(self) -> DataSplits:
+        """Rank 0 first: embedded data is generated once, then every rank reads it."""
+        if not self.dist.is_main:
+            barrier()
+        data = build_datasets(self.cfg.data, seed=self.cfg.seed)
+        if self.dist.is_main:
+            barrier()
+        return data
 
     # ------------------------------------------------------------------ state
 
