@@ -61,7 +61,7 @@ def evaluate_checkpoint(
         "images": len(dataset),
         "metrics": {k: result[k] for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")},
         "per_class": result.get("per_class", {}),
-        "data_problems": getattr(dataset, "problems", None) and dataset.problems.as_dict(),
+        "data_problems": dataset.problems.as_dict() if hasattr(dataset, "problems") else None,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(payload, indent=2) + "\n")
