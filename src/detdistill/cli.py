@@ -127,6 +127,51 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from detdistill.analysis import run_analysis
+
+    report = run_analysis(
+        args.teacher,
+        args.student,
+        data=args.data,
+        images=args.images,
+        data_format=args.format,
+        split=args.split,
+        out=Path(args.out),
+        max_images=args.max_images,
+        num_visualize=args.num_images,
+    )
+    print(f"report written to {report}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from detdistill.predict import run_predict
+
+    summary = run_predict(
+        args.checkpoint,
+        args.inputs,
+        out=Path(args.out),
+        score_threshold=args.score_threshold,
+        max_detections=args.max_detections,
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+    )
+    print(
+        f"{summary['images']} images, {summary['detections']} detections, "
+        f"{summary['skipped']} skipped; results in {summary['out']}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from detdistill.export import export_onnx
+
+    path = export_onnx(args.checkpoint, Path(args.out), opset=args.opset)
+    print(f"exported {path}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from detdistill.engine.presets import list_presets, preset_path
 
@@ -221,6 +266,45 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--image-size", type=int, default=128)
     make.set_defaults(func=_cmd_data_make)
+
+    p = sub.add_parser(
+        "analyze",
+        help="the paper's two observations on your models: rank agreement, feature vs prediction gaps",
+        description="Per ground-truth instance, how teacher and student rank its candidate boxes "
+        "(Spearman/Kendall, top-1 agreement), and per FPN level where their features and their "
+        "predictions differ; writes PNGs, report.md and analysis.json to --out.",
+    )
+    p.add_argument("teacher", help="teacher model.pt")
+    p.add_argument("student", help="student model.pt")
+    p.add_argument(
+        "--data", help="COCO annotation JSON or VOC root (default: the student's validation data)"
+    )
+    p.add_argument("--images", help="COCO images folder")
+    p.add_argument("--format", choices=["coco", "voc"], default="coco")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", default="analysis", help="output folder (default: analysis)")
+    p.add_argument("--max-images", type=int, default=200, help="images to analyse (default: 200)")
+    p.add_argument("--num-images", type=int, default=4, help="images to draw (default: 4)")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser(
+        "predict", help="run a checkpoint on images: drawn boxes and COCO results JSON"
+    )
+    p.add_argument("checkpoint", help="a model.pt")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.3)
+    p.add_argument("--max-detections", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export the student alone (no teacher, no adapters) to ONNX")
+    p.add_argument("checkpoint", help="a model.pt")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("presets", help="list the bundled config presets")
     p.set_defaults(func=_cmd_presets)
