@@ -1,0 +1,130 @@
+"""What distillation costs per step, beyond running the teacher.
+
+    python benchmarks/step_overhead.py --out benchmarks/results/step_overhead.json
+
+For each teacher/student pair, on one fixed batch and in one process: a
+student-only training step, a teacher forward pass (no grad), and a
+distillation step with the chosen methods, plus
+``overhead_ratio = distill_step / (student_step + teacher_forward)``: 1.0 means
+the distillation terms, adapters and bookkeeping cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import best_time, emit, environment
+from detdistill.distill import Distiller
+from detdistill.models import build_detector
+
+PAIRS = {
+    "demo_tiny_128": {
+        "size": 128,
+        "batch": 16,
+        "teacher": {
+            "backbone": "tiny",
+            "backbone_kwargs": {"width": 24, "depth": 2},
+            "head_norm": "gn",
+        },
+        "student": {
+            "backbone": "tiny",
+            "backbone_kwargs": {"width": 8, "depth": 2},
+            "head_norm": "gn",
+        },
+        "levels": (3, 4, 5),
+    },
+    "r50_r18_320": {
+        "size": 320,
+        "batch": 2,
+        "teacher": {"backbone": "resnet50"},
+        "student": {"backbone": "resnet18"},
+        "levels": (3, 4, 5, 6, 7),
+    },
+}
+
+
+def make_batch(size: int, batch: int, num_classes: int) -> tuple[list, list]:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(4, 2, generator=g) * size * 0.6
+        wh = torch.rand(4, 2, generator=g) * size * 0.3 + size * 0.08
+        targets.append(
+            {
+                "boxes": torch.cat([xy, xy + wh], dim=1),
+                "labels": torch.randint(0, num_classes, (4,), generator=g),
+            }
+        )
+    return images, targets
+
+
+def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> dict:
+    num_classes = 10
+    common = {
+        "num_classes": num_classes,
+        "levels": spec["levels"],
+        "min_size": spec["size"],
+        "max_size": spec["size"],
+    }
+    torch.manual_seed(0)
+    teacher = build_detector("retinanet", **common, **spec["teacher"])
+    student = build_detector("retinanet", **common, **spec["student"])
+    distiller = Distiller(student, teacher, methods).train()
+    images, targets = make_batch(spec["size"], spec["batch"], num_classes)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=1e-4, momentum=0.9)
+
+    def step(loss_fn) -> None:
+        losses = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    def student_step() -> None:
+        step(lambda: student(images, targets).losses)
+
+    @torch.no_grad()
+    def teacher_forward() -> None:
+        image_list, _ = student.transform(images, [dict(t) for t in targets])
+        teacher.forward_batch(image_list.tensors, image_list.image_sizes)
+
+    def distill_step() -> None:
+        step(lambda: distiller(images, targets))
+
+    student_s = best_time(student_step, repeats)
+    teacher_s = best_time(teacher_forward, repeats)
+    distill_s = best_time(distill_step, repeats)
+    return {
+        "pair": name,
+        "image_size": spec["size"],
+        "batch": spec["batch"],
+        "methods": methods,
+        "teacher_params_M": sum(p.numel() for p in teacher.parameters()) / 1e6,
+        "student_params_M": sum(p.numel() for p in student.parameters()) / 1e6,
+        "student_step_s": student_s,
+        "teacher_forward_s": teacher_s,
+        "distill_step_s": distill_s,
+        "overhead_ratio": distill_s / (student_s + teacher_s),
+        "student_train_images_per_s": spec["batch"] / student_s,
+        "distill_train_images_per_s": spec["batch"] / distill_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--methods", default="rm=4.0,pfi=1.5", help="comma-separated name=weight")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    methods = {k: float(v) for k, v in (item.split("=") for item in args.methods.split(","))}
+    results = [measure(name, PAIRS[name], methods, args.repeats) for name in args.pairs]
+    emit({"benchmark": "step_overhead", **environment(), "results": results}, args.out)
+
+
+if __name__ == "__main__":
+    main()
