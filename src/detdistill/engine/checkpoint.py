@@ -201,13 +201,19 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`; parts absent from ``state`` are left alone."""
     if "python" in state:
         py = state["python"]
-        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]),
-                         py["gauss_next"]))
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
     if "numpy" in state:
         npy = state["numpy"]
         keys = np.asarray(torch.as_tensor(npy["keys"]).cpu().numpy(), dtype=np.uint32)
-        np.random.set_state((str(npy["kind"]), keys, int(npy["pos"]), int(npy["has_gauss"]),
-                             float(npy["cached_gaussian"])))
+        np.random.set_state(
+            (
+                str(npy["kind"]),
+                keys,
+                int(npy["pos"]),
+                int(npy["has_gauss"]),
+                float(npy["cached_gaussian"]),
+            )
+        )
     if "torch" in state:
         torch.set_rng_state(torch.as_tensor(state["torch"]).cpu().to(torch.uint8))
     if state.get("cuda") is not None and torch.cuda.is_available():
@@ -235,27 +241,37 @@ def load_state_dict_strict(
     shape-mismatched keys, with counts, instead.
     """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
     shapes = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items()
-        if k in expected and isinstance(v, torch.Tensor)
-        and isinstance(expected[k], torch.Tensor) and v.shape != expected[k].shape
+        if k in expected
+        and isinstance(v, torch.Tensor)
+        and isinstance(expected[k], torch.Tensor)
+        and v.shape != expected[k].shape
     ]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if not shapes:
+        # The module's own loading hooks decide what counts as missing or
+        # unexpected (FrozenBatchNorm2d, for one, drops num_batches_tracked).
+        result = module.load_state_dict(state_dict, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected or shapes:
         parts = [f"{what}: the weights do not fit the model"]
         if missing:
-            parts.append(_listing("missing keys (in the model, not in the weights)", missing,
-                                  limit))
+            parts.append(
+                _listing("missing keys (in the model, not in the weights)", missing, limit)
+            )
         if unexpected:
-            parts.append(_listing("unexpected keys (in the weights, not in the model)",
-                                  unexpected, limit))
+            parts.append(
+                _listing("unexpected keys (in the weights, not in the model)", unexpected, limit)
+            )
         if shapes:
             parts.append(_listing("shape mismatches", shapes, limit))
         prefixed = [k for k in unexpected if k.startswith("module.")]
         if prefixed and len(prefixed) == len(unexpected):
-            parts.append("  hint: keys start with 'module.' - the weights were saved from a "
-                         "DDP-wrapped model; save model.module.state_dict() instead")
+            parts.append(
+                "  hint: keys start with 'module.' - the weights were saved from a "
+                "DDP-wrapped model; save model.module.state_dict() instead"
+            )
         raise StateDictMismatchError("\n".join(parts))
-    module.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,27 @@
+"""One-stage detectors (RetinaNet, FCOS, ATSS) with a distillation interface.
+
+Every detector returns a :class:`DetectorOutput` from ``forward_batch``; see
+:mod:`detdistill.models.output` for the exact layout distillation code relies on.
+"""
+
+from .atss import ATSS
+from .backbones import BackboneFPN, build_backbone, list_backbones
+from .base import OneStageDetector
+from .fcos import FCOS
+from .output import DetectorOutput
+from .registry import build_detector, list_detectors, register_detector
+from .retinanet import RetinaNet
+
+__all__ = [
+    "ATSS",
+    "FCOS",
+    "BackboneFPN",
+    "DetectorOutput",
+    "OneStageDetector",
+    "RetinaNet",
+    "build_backbone",
+    "build_detector",
+    "list_backbones",
+    "list_detectors",
+    "register_detector",
+]

@@ -1,0 +1,248 @@
+"""ATSS (Zhang et al., "Bridging the Gap Between Anchor-based and Anchor-free
+Detection via Adaptive Training Sample Selection", CVPR 2020).
+
+torchvision has no ATSS, so the assigner and the loss assembly are written here;
+everything else is torchvision's: the towers are ``FCOSClassificationHead`` /
+``FCOSRegressionHead`` (GroupNorm towers, centerness on the regression tower: the
+ATSS head layout), boxes use ``BoxCoder`` deltas with mmdetection's ATSS weights
+``(10, 10, 5, 5)``, and the losses are ``sigmoid_focal_loss``,
+``generalized_box_iou_loss`` and centerness BCE, all normalised by the number of
+positives (>= 1).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSRegressionHead
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+from .anchors import default_anchor_scale, octave_anchor_sizes
+from .base import OneStageDetector
+from .output import DetectorOutput
+from .registry import register_detector
+
+__all__ = ["ATSS", "ATSSHead", "atss_assign", "centerness_target"]
+
+
+def atss_assign(
+    anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, topk: int = 9
+) -> Tensor:
+    """Adaptive Training Sample Selection for one image: ``(R,)`` gt index or ``-1``.
+
+    For every ground truth: take on each level the ``topk`` anchors whose centres are
+    closest to the box centre; their IoUs give the threshold ``mean + std``
+    (unbiased std, as the reference implementation); candidates at or above it
+    whose centre lies inside the box are positive. An anchor positive for several
+    boxes goes to the one it overlaps most. Vectorised over boxes and anchors;
+    the only loop is over the (few) pyramid levels.
+    """
+    num_anchors = anchors.shape[0]
+    if gt_boxes.numel() == 0:
+        return torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device)
+    num_gt = gt_boxes.shape[0]
+    ious = box_ops.box_iou(anchors, gt_boxes)  # (R, M)
+    anchor_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+    gt_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    dist = (anchor_ctr[:, None, :] - gt_ctr[None, :, :]).pow(2).sum(-1).sqrt()  # (R, M)
+
+    candidates, start = [], 0
+    for n in num_anchors_per_level:
+        k = min(topk, n)
+        idx = dist[start : start + n].topk(k, dim=0, largest=False).indices  # (k, M)
+        candidates.append(idx + start)
+        start += n
+    cand = torch.cat(candidates)  # (C, M)
+    cand_ious = ious.gather(0, cand)
+    std = cand_ious.std(0) if cand.shape[0] > 1 else torch.zeros_like(cand_ious[0])
+    is_pos = cand_ious >= (cand_ious.mean(0) + std)[None]
+
+    cx, cy = anchor_ctr[cand, 0], anchor_ctr[cand, 1]  # (C, M)
+    inside = (
+        torch.stack(
+            (cx - gt_boxes[:, 0], cy - gt_boxes[:, 1], gt_boxes[:, 2] - cx, gt_boxes[:, 3] - cy),
+            dim=0,
+        ).amin(0)
+        > 0.01
+    )
+    is_pos &= inside
+
+    gt_idx = torch.arange(num_gt, device=anchors.device).expand_as(cand)
+    overlaps = torch.full_like(ious, -math.inf)
+    overlaps[cand[is_pos], gt_idx[is_pos]] = cand_ious[is_pos]
+    best, matched = overlaps.max(dim=1)
+    matched[best == -math.inf] = -1
+    return matched
+
+
+def centerness_target(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
+    """FCOS centerness of each anchor centre inside its matched box (pairs, ``(n,)``)."""
+    cx = (anchors[:, 0] + anchors[:, 2]) / 2
+    cy = (anchors[:, 1] + anchors[:, 3]) / 2
+    lr = torch.stack((cx - gt_boxes[:, 0], gt_boxes[:, 2] - cx), dim=1)
+    tb = torch.stack((cy - gt_boxes[:, 1], gt_boxes[:, 3] - cy), dim=1)
+    ratio = (lr.amin(1) / lr.amax(1)).clamp(min=0) * (tb.amin(1) / tb.amax(1)).clamp(min=0)
+    return ratio.sqrt()
+
+
+class ATSSHead(nn.Module):
+    """Classification tower + regression tower with a centerness branch, and the loss."""
+
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4
+    ) -> None:
+        super().__init__()
+        norm = partial(nn.GroupNorm, math.gcd(32, in_channels))
+        self.classification_head = FCOSClassificationHead(
+            in_channels, num_anchors, num_classes, num_convs, norm_layer=norm
+        )
+        self.regression_head = FCOSRegressionHead(
+            in_channels, num_anchors, num_convs, norm_layer=norm
+        )
+        self.box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        cls_head, reg_head = self.classification_head, self.regression_head
+        cls_logits, bbox_regression, quality = [], [], []
+        for f in features:
+            cls_logits.append(cls_head.cls_logits(cls_head.conv(f)))
+            t = reg_head.conv(f)
+            bbox_regression.append(reg_head.bbox_reg(t))
+            quality.append(reg_head.bbox_ctrness(t))
+        return cls_logits, bbox_regression, quality
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        cls_logits: Tensor,
+        bbox_regression: Tensor,
+        centerness: Tensor,
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """Focal + GIoU + centerness BCE on flat ``(N, R, .)`` tensors."""
+        matched = torch.stack(matched_idxs)
+        foreground = matched >= 0
+        valid = matched != det_utils.Matcher.BETWEEN_THRESHOLDS
+        num_fg = max(1, int(foreground.sum()))
+        gt_classes = torch.zeros_like(cls_logits)
+        gt_boxes = []
+        for i, t in enumerate(targets):
+            idx = matched[i][foreground[i]]
+            gt_classes[i, foreground[i], t["labels"][idx]] = 1.0
+            gt_boxes.append(t["boxes"][idx].to(bbox_regression.dtype))
+        gt_boxes_t = torch.cat(gt_boxes)
+        pos_anchors = torch.stack(anchors)[foreground].to(bbox_regression.dtype)
+        pred_boxes = self.box_coder.decode_single(bbox_regression[foreground], pos_anchors)
+        loss_cls = sigmoid_focal_loss(cls_logits[valid], gt_classes[valid], reduction="sum")
+        loss_box = generalized_box_iou_loss(pred_boxes, gt_boxes_t, reduction="sum")
+        loss_ctr = nn.functional.binary_cross_entropy_with_logits(
+            centerness[foreground], centerness_target(pos_anchors, gt_boxes_t), reduction="sum"
+        )
+        return {
+            "classification": loss_cls / num_fg,
+            "bbox_regression": loss_box / num_fg,
+            "centerness": loss_ctr / num_fg,
+        }
+
+
+@register_detector("atss")
+class ATSS(OneStageDetector):
+    """ATSS with a distillation interface (see :class:`OneStageDetector`).
+
+    Args:
+        anchor_sizes: per-level sizes; default one square anchor of
+            ``anchor_scale * stride`` (ATSS's 8 on COCO, scaled by
+            :func:`default_anchor_scale` for other input sizes).
+        aspect_ratios, scales_per_octave: anchors per location (ATSS: 1).
+        topk: candidates per level and box (paper: 9).
+        num_convs: head tower depth (4).
+        score_thresh, nms_thresh, detections_per_img, topk_candidates: the ATSS
+            reference test settings (0.05, 0.6, 100, 1000); scores are
+            ``sqrt(sigmoid(cls) * sigmoid(centerness))``.
+    """
+
+    head_type = "atss"
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: Any = "resnet50",
+        *,
+        anchor_sizes: tuple[tuple[int, ...], ...] | None = None,
+        aspect_ratios: tuple[float, ...] = (1.0,),
+        anchor_scale: float | None = None,
+        scales_per_octave: int = 1,
+        topk: int = 9,
+        num_convs: int = 4,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.6,
+        detections_per_img: int = 100,
+        topk_candidates: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            backbone,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            topk_candidates=topk_candidates,
+            **kwargs,
+        )
+        if anchor_sizes is None:
+            if anchor_scale is None:
+                anchor_scale = default_anchor_scale(8.0, self.transform.max_size, max(self.strides))
+            anchor_sizes = octave_anchor_sizes(self.strides, anchor_scale, scales_per_octave)
+        if len(anchor_sizes) != len(self.strides):
+            raise ValueError(
+                f"need anchor sizes for {len(self.strides)} levels, got {len(anchor_sizes)}"
+            )
+        self._init_anchor_generator(tuple(tuple(s) for s in anchor_sizes), aspect_ratios)
+        self.topk = topk
+        self.head = ATSSHead(
+            self.out_channels, self.num_anchors_per_location, num_classes, num_convs
+        )
+
+    def head_forward(
+        self, features: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        return self.head(features)
+
+    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
+        sizes = output.num_anchors_per_level()
+        return [
+            atss_assign(a, sizes, t["boxes"], self.topk)
+            for a, t in zip(output.anchors, targets, strict=True)
+        ]
+
+    def compute_loss(
+        self, output: DetectorOutput, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        matched = (
+            output.matched_idxs if output.matched_idxs is not None else self.assign(output, targets)
+        )
+        quality = output.flat_quality()
+        assert quality is not None
+        return self.head.compute_loss(
+            targets,
+            output.flat_cls_logits().float(),
+            output.flat_bbox_regression().float(),
+            quality.float(),
+            [a.float() for a in output.anchors],
+            matched,
+        )
+
+    def decode_boxes(self, rel_codes: Tensor, anchors: Tensor) -> Tensor:
+        return self.head.box_coder.decode_single(rel_codes, anchors)
+
+    def class_scores(self, cls_logits: Tensor, quality: Tensor | None) -> Tensor:
+        assert quality is not None
+        # Quality per anchor -> broadcast over the K classes of that anchor.
+        return torch.sqrt(torch.sigmoid(cls_logits) * torch.sigmoid(quality)[:, None])

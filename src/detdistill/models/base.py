@@ -1,0 +1,289 @@
+"""The common one-stage detector: transform -> backbone+FPN -> head -> DetectorOutput.
+
+Every detector has exactly one forward path, :meth:`OneStageDetector.forward_batch`,
+on an already normalised and batched tensor. ``forward`` only wraps it with
+torchvision's ``GeneralizedRCNNTransform`` (and post-processing in eval mode). A
+distiller can therefore run the teacher on the *student's* transformed batch and
+compare like with like, level by level and anchor by anchor.
+
+Subclasses provide the head (``head_forward``), the assigner (``assign``), the loss
+(``compute_loss``) and the box decoding / scoring used by the shared
+``postprocess``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import WeightsEnum
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
+
+from .backbones import BackboneFPN, build_backbone
+from .output import DetectorOutput, flatten_level
+
+__all__ = ["OneStageDetector"]
+
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class OneStageDetector(nn.Module):
+    """Base class of RetinaNet, FCOS and ATSS.
+
+    Args:
+        num_classes: number of object classes ``K`` (no background class).
+        backbone: a name from :func:`~detdistill.models.list_backbones` or a built
+            :class:`~detdistill.models.backbones.BackboneFPN`.
+        weights_backbone: ``None``, torchvision weights name/enum or a local file.
+        backbone_kwargs: extra arguments of the body (e.g. ``{"width": 16}`` for tiny).
+        levels: pyramid levels; stride of level ``l`` is ``2**l``.
+        out_channels: neck width (default from the backbone).
+        norm_layer, frozen_levels: see :func:`~detdistill.models.build_backbone`.
+        min_size, max_size, image_mean, image_std, fixed_size: the
+            ``GeneralizedRCNNTransform`` settings (torchvision defaults).
+        size_divisible: padding multiple of the batch; default the largest stride,
+            so every level has an exact integer grid.
+        score_thresh, nms_thresh, detections_per_img, topk_candidates: inference.
+    """
+
+    head_type: str = ""
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str | BackboneFPN = "resnet50",
+        *,
+        weights_backbone: str | os.PathLike | WeightsEnum | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        levels: tuple[int, ...] = (3, 4, 5, 6, 7),
+        out_channels: int | None = None,
+        norm_layer: str | None = None,
+        frozen_levels: int = 0,
+        min_size: int | tuple[int, ...] = 800,
+        max_size: int = 1333,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        size_divisible: int | None = None,
+        fixed_size: tuple[int, int] | None = None,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 300,
+        topk_candidates: int = 1000,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(backbone, str):
+            backbone = build_backbone(
+                backbone,
+                levels=levels,
+                out_channels=out_channels,
+                weights=weights_backbone,
+                norm_layer=norm_layer,
+                frozen_levels=frozen_levels,
+                **(backbone_kwargs or {}),
+            )
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.strides: tuple[int, ...] = tuple(backbone.strides)
+        self.levels: tuple[int, ...] = tuple(backbone.levels)
+        self.out_channels: int = backbone.out_channels
+        size_divisible = size_divisible or max(self.strides)
+        if size_divisible % max(self.strides):
+            raise ValueError(
+                f"size_divisible={size_divisible} must be a multiple of the largest stride"
+            )
+        self.transform = GeneralizedRCNNTransform(
+            min_size,
+            max_size,
+            image_mean or _IMAGENET_MEAN,
+            image_std or _IMAGENET_STD,
+            size_divisible=size_divisible,
+            fixed_size=fixed_size,
+        )
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.topk_candidates = topk_candidates
+        self.anchor_generator: AnchorGenerator  # set by subclasses
+        self.num_anchors_per_location: int = 0  # set by subclasses
+
+    # ----------------------------------------------------------- subclass API
+    def head_forward(
+        self, features: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        """Per-level ``(cls_logits, bbox_regression, quality)``, unflattened."""
+        raise NotImplementedError
+
+    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
+        """Per image ``(R,)`` matched ground-truth index (``-1`` bg, ``-2`` ignored)."""
+        raise NotImplementedError
+
+    def compute_loss(
+        self, output: DetectorOutput, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Detection losses, normalised by the number of positives (>= 1)."""
+        raise NotImplementedError
+
+    def decode_boxes(self, rel_codes: Tensor, anchors: Tensor) -> Tensor:
+        """``(n, 4)`` regression + ``(n, 4)`` anchors -> ``(n, 4)`` xyxy boxes."""
+        raise NotImplementedError
+
+    def class_scores(self, cls_logits: Tensor, quality: Tensor | None) -> Tensor:
+        """``(R, K)`` ranking scores of one image and level (sigmoid by default)."""
+        return torch.sigmoid(cls_logits)
+
+    # ------------------------------------------------------------ shared code
+    def _init_anchor_generator(
+        self, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[float, ...]
+    ) -> None:
+        self.anchor_generator = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+        # Plain attributes, so a distiller can check teacher/student anchors agree.
+        self.anchor_sizes: tuple[tuple[int, ...], ...] = tuple(tuple(s) for s in sizes)
+        self.aspect_ratios: tuple[float, ...] = tuple(float(r) for r in aspect_ratios)
+        per_loc = set(self.anchor_generator.num_anchors_per_location())
+        if len(per_loc) != 1:
+            raise ValueError("every level needs the same number of anchors per location")
+        self.num_anchors_per_location = per_loc.pop()
+
+    def make_anchors(self, features: list[Tensor], num_images: int) -> list[Tensor]:
+        """Anchors per image, from the known strides (not from padded-size division).
+
+        Always float32: under autocast or a half-precision teacher, fp16 anchors
+        would make IoUs of large boxes overflow.
+        """
+        dtype, device = torch.float32, features[0].device
+        grid_sizes = [list(f.shape[-2:]) for f in features]
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.anchor_generator.set_cell_anchors(dtype, device)
+        anchors = torch.cat(self.anchor_generator.grid_anchors(grid_sizes, strides))
+        return [anchors] * num_images
+
+    def forward_batch(
+        self,
+        images: Tensor,
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> DetectorOutput:
+        """The one forward path on a batched tensor (targets in its coordinates).
+
+        With ``targets`` the assigner runs and ``matched_idxs``/``losses`` are filled.
+        """
+        if images.dim() != 4 or len(image_sizes) != images.shape[0]:
+            raise ValueError(
+                f"expected images (N, C, H, W) and N image sizes, got {tuple(images.shape)} and {len(image_sizes)}"
+            )
+        features = self.backbone(images)
+        if len(features) != len(self.strides):
+            raise RuntimeError(
+                f"backbone returned {len(features)} levels, expected {len(self.strides)}"
+            )
+        cls_logits, bbox_regression, quality = self.head_forward(features)
+        output = DetectorOutput(
+            features=features,
+            cls_logits=cls_logits,
+            bbox_regression=bbox_regression,
+            quality=quality,
+            anchors=self.make_anchors(features, images.shape[0]),
+            image_sizes=[(int(h), int(w)) for h, w in image_sizes],
+        )
+        if targets is not None:
+            if len(targets) != images.shape[0]:
+                raise ValueError(f"got {len(targets)} targets for {images.shape[0]} images")
+            output.matched_idxs = self.assign(output, targets)
+            output.losses = self.compute_loss(output, targets)
+        return output
+
+    def _check_targets(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+        if len(targets) != len(images):
+            raise ValueError(f"got {len(targets)} targets for {len(images)} images")
+        for i, t in enumerate(targets):
+            boxes, labels = t.get("boxes"), t.get("labels")
+            if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(
+                    f"target {i}: boxes must be a (M, 4) tensor, got {getattr(boxes, 'shape', boxes)}"
+                )
+            if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
+                raise ValueError(f"target {i}: labels must be a (M,) tensor matching boxes")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"target {i}: labels must lie in [0, {self.num_classes}), got {labels.tolist()}"
+                )
+            degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+            if degenerate.any():
+                bad = boxes[degenerate][0].tolist()
+                raise ValueError(f"target {i}: boxes need positive width and height, found {bad}")
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> DetectorOutput | list[dict[str, Tensor]]:
+        """Train mode: ``DetectorOutput`` with losses. Eval mode: detections per image.
+
+        Eval detections are in each input image's original pixel coordinates with
+        labels in ``[0, num_classes)``.
+        """
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            self._check_targets(images, targets)
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets_t = self.transform(images, targets if self.training else None)
+        output = self.forward_batch(image_list.tensors, image_list.image_sizes, targets_t)
+        if self.training:
+            return output
+        detections = self.postprocess(output)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    def transform_batch(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+        """The normalise/resize/pad step of ``forward``, for callers of ``forward_batch``."""
+        return self.transform(images, targets)
+
+    @torch.no_grad()
+    def postprocess(self, output: DetectorOutput) -> list[dict[str, Tensor]]:
+        """Score threshold, per-level top-k, decoding, clipping and class-wise NMS.
+
+        Boxes are in batched-tensor coordinates (torchvision's RetinaNet/FCOS logic).
+        """
+        k = self.num_classes
+        cls = [flatten_level(c.float(), k) for c in output.cls_logits]
+        reg = [flatten_level(r.float(), 4) for r in output.bbox_regression]
+        qual = (
+            None
+            if output.quality is None
+            else [flatten_level(q.float(), 1)[..., 0] for q in output.quality]
+        )
+        sizes = output.num_anchors_per_level()
+        results: list[dict[str, Tensor]] = []
+        for i, image_size in enumerate(output.image_sizes):
+            all_boxes, all_scores, all_labels = [], [], []
+            for lv, anchors in enumerate(output.anchors[i].split(sizes)):
+                scores = self.class_scores(
+                    cls[lv][i], None if qual is None else qual[lv][i]
+                ).flatten()
+                keep = torch.where(scores > self.score_thresh)[0]
+                scores = scores[keep]
+                scores, order = scores.topk(min(self.topk_candidates, scores.numel()))
+                keep = keep[order]
+                anchor_idx = torch.div(keep, k, rounding_mode="floor")
+                boxes = self.decode_boxes(reg[lv][i][anchor_idx], anchors[anchor_idx])
+                all_boxes.append(box_ops.clip_boxes_to_image(boxes, image_size))
+                all_scores.append(scores)
+                all_labels.append(keep % k)
+            boxes, scores, labels = (
+                torch.cat(all_boxes),
+                torch.cat(all_scores),
+                torch.cat(all_labels),
+            )
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[
+                : self.detections_per_img
+            ]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results

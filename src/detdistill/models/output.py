@@ -1,0 +1,115 @@
+"""The one typed structure every detector returns from ``forward_batch``.
+
+Distillation losses, the detection loss and post-processing all read from
+:class:`DetectorOutput`, so its layout is a contract:
+
+* Head outputs stay **per level and unflattened** ``(N, A*X, H_l, W_l)``: feature
+  imitation methods need the spatial grid, and it is what torchvision's head convs
+  produce before their internal flattening.
+* The channel index of ``cls_logits`` is ``a*K + k`` (anchor-major), the layout of
+  torchvision's ``RetinaNetClassificationHead.cls_logits``.
+* ``anchors`` are flat per image, ordered level-major, then ``h``, then ``w``, then
+  ``a``. This is exactly the order of :func:`flatten_level` followed by a
+  concatenation over levels, and the order torchvision's ``AnchorGenerator`` emits.
+  Anchor-free heads (FCOS) store each point as a square box of side ``stride``
+  centred on the point (torchvision's FCOS convention; the box size is the unit of
+  FCOS's normalised regression targets). The point is the box centre.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["DetectorOutput", "flatten_level", "flatten_levels"]
+
+
+def flatten_level(x: Tensor, channels_per_anchor: int) -> Tensor:
+    """``(N, A*X, H, W) -> (N, H*W*A, X)``: the anchor order used everywhere.
+
+    Same permutation as torchvision's RetinaNet/FCOS heads perform internally.
+    """
+    n, c, h, w = x.shape
+    a = c // channels_per_anchor
+    return (
+        x.view(n, a, channels_per_anchor, h, w)
+        .permute(0, 3, 4, 1, 2)
+        .reshape(n, -1, channels_per_anchor)
+    )
+
+
+def flatten_levels(xs: list[Tensor], channels_per_anchor: int) -> Tensor:
+    """Flatten every level with :func:`flatten_level` and concatenate: ``(N, R, X)``."""
+    return torch.cat([flatten_level(x, channels_per_anchor) for x in xs], dim=1)
+
+
+@dataclass
+class DetectorOutput:
+    """Everything a one-stage detector computed on one batched tensor.
+
+    Attributes:
+        features: neck (FPN) features per level, ``(N, C, H_l, W_l)``.
+        cls_logits: per level ``(N, A*K, H_l, W_l)``, channel ``a*K + k``.
+        bbox_regression: per level ``(N, A*4, H_l, W_l)``; the encoding is the
+            detector's own (RetinaNet/ATSS: BoxCoder deltas, FCOS: ltrb / stride).
+        quality: per level ``(N, A, H_l, W_l)`` centerness/IoU logits, or ``None``
+            for heads without a quality branch (RetinaNet).
+        anchors: per image ``(R, 4)`` xyxy in batched-tensor pixels, ordered
+            level, h, w, a. Anchor-free heads give stride-sized boxes centred on
+            their points.
+        image_sizes: per image ``(H, W)`` of the valid (unpadded) region.
+        matched_idxs: per image ``(R,)`` int64 from the detector's own assigner:
+            ``>= 0`` index of the positive's ground truth, ``-1`` background,
+            ``-2`` ignored. ``None`` when no targets were given.
+        losses: detection loss terms by name; empty when no targets were given.
+    """
+
+    features: list[Tensor]
+    cls_logits: list[Tensor]
+    bbox_regression: list[Tensor]
+    quality: list[Tensor] | None
+    anchors: list[Tensor]
+    image_sizes: list[tuple[int, int]]
+    matched_idxs: list[Tensor] | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.cls_logits)
+
+    @property
+    def num_anchors_per_location(self) -> int:
+        return self.bbox_regression[0].shape[1] // 4
+
+    @property
+    def num_classes(self) -> int:
+        return self.cls_logits[0].shape[1] // self.num_anchors_per_location
+
+    def num_anchors_per_level(self) -> list[int]:
+        """``H_l * W_l * A`` for every level (split sizes of the flat anchor axis)."""
+        a = self.num_anchors_per_location
+        return [x.shape[-2] * x.shape[-1] * a for x in self.cls_logits]
+
+    def level_slices(self) -> list[slice]:
+        """Slice of the flat anchor axis that belongs to each level."""
+        out, start = [], 0
+        for n in self.num_anchors_per_level():
+            out.append(slice(start, start + n))
+            start += n
+        return out
+
+    def flat_cls_logits(self) -> Tensor:
+        """``(N, R, K)`` in the anchor order of :attr:`anchors`."""
+        return flatten_levels(self.cls_logits, self.num_classes)
+
+    def flat_bbox_regression(self) -> Tensor:
+        """``(N, R, 4)`` in the anchor order of :attr:`anchors`."""
+        return flatten_levels(self.bbox_regression, 4)
+
+    def flat_quality(self) -> Tensor | None:
+        """``(N, R)`` quality logits in anchor order, or ``None``."""
+        if self.quality is None:
+            return None
+        return flatten_levels(self.quality, 1).squeeze(-1)
