@@ -26,19 +26,7 @@ from detdistill.losses.masks import box_center_masks, fgfi_masks
 from detdistill.losses.pfi import pfi_loss
 from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
-
-
-def flatten_levels(per_level: list[Tensor], channels_per_anchor: int) -> Tensor:
-    """Per-level (N, A*C, H, W) maps -> (N, R, C), anchors ordered level, h, w, a."""
-    flat = []
-    for x in per_level:
-        n, _, h, w = x.shape
-        flat.append(
-            x.view(n, -1, channels_per_anchor, h, w)
-            .permute(0, 3, 4, 1, 2)
-            .reshape(n, -1, channels_per_anchor)
-        )
-    return torch.cat(flat, dim=1)
+from detdistill.models.output import flatten_levels
 
 
 @dataclass(eq=False)
