@@ -317,6 +317,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from detdistill.engine.checkpoint import CheckpointError
     from detdistill.engine.config import ConfigError
     from detdistill.engine.trainer import NonFiniteLossError
+    from detdistill.export import OnnxExportError
 
     return (
         ConfigError,
@@ -324,6 +325,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         IncompatibleModelsError,
         NonFiniteLossError,
+        OnnxExportError,
         FileNotFoundError,
         NotADirectoryError,
         PermissionError,

@@ -40,7 +40,8 @@ def evaluate_checkpoint(
     model = loaded.model.to(torch_device)
     transforms = build_transforms(False, loaded.image_size)
     if data is None:
-        dataset = build_datasets(config_from_dict(loaded.payload["config"]).data, train=False).val
+        saved = config_from_dict(loaded.payload["config"])
+        dataset = build_datasets(saved.data, seed=saved.seed, train=False).val
         name = "val"
     elif data_format == "voc":
         dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)
