@@ -1,0 +1,211 @@
+"""The method table: one teacher, then the student with each distillation method and seed.
+
+    python benchmarks/method_table.py --preset digits --workdir runs/method_table
+    python benchmarks/method_table.py --preset digits --methods none rm pfi rm+pfi --seeds 0
+
+Resumable: a run whose ``summary.json`` says "completed" is not repeated, so
+the script can be stopped and started again (or run in the background).
+Writes ``benchmarks/results/<preset>_methods.json`` (one row per run: method,
+weights, seed, COCO metrics, epochs, wall time, commit, machine) and a bar
+chart with the spread over seeds. ``--jobs 2`` trains two students at once,
+one thread each (the fastest use of a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from _common import emit, environment
+
+PRESETS = {
+    "digits": ("digits_teacher", "digits_student", "digits_distill"),
+    "voc": ("voc_r50", "voc_r50_r18", "voc_r50_r18"),
+    "coco": ("coco_retinanet_r101", "coco_retinanet_r101_r50", "coco_retinanet_r101_r50"),
+}
+METHODS = {
+    "none": {},
+    "kd": {"kd": 1.0},
+    "fitnet": {"fitnet": 1.0},
+    "fgfi": {"fgfi": 1.0},
+    "defeat": {"defeat": 1.0},
+    "scorel2": {"scorel2": 1.0},
+    "rm": {"rm": 4.0},
+    "pfi": {"pfi": 1.5},
+    "rm+pfi": {"rm": 4.0, "pfi": 1.5},
+}
+METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``rm=4,pfi=1.5`` -> ``{"rm": 4.0, "pfi": 1.5}``."""
+    return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+
+
+def run_one(job: dict) -> dict:
+    """Train one run (in its own process when --jobs > 1) and return its table row."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from detdistill.engine.presets import load_preset_or_file
+    from detdistill.engine.trainer import run
+
+    run_dir = Path(job["output_dir"])
+    summary = run_dir / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+        metrics = json.loads(summary.read_text())["metrics"]
+        wall = (
+            json.loads((run_dir / "wall_time.json").read_text())["seconds"]
+            if (run_dir / "wall_time.json").exists()
+            else None
+        )
+    else:
+        cfg = load_preset_or_file(job["preset"], job["overrides"])
+        start = time.perf_counter()
+        result = run(cfg, resume=(run_dir / "last_state.pt").exists(), show_progress=False)
+        wall = time.perf_counter() - start
+        metrics = result.metrics
+        (run_dir / "wall_time.json").write_text(json.dumps({"seconds": wall}) + "\n")
+    return {
+        "name": job["name"],
+        "method": job["method"],
+        "weights": job["weights"],
+        "seed": job["seed"],
+        **{k: metrics.get(k) for k in METRICS},
+        "epochs": job["epochs"],
+        "wall_time_s": wall,
+        "run_dir": str(run_dir),
+    }
+
+
+def summarise(rows: list[dict], teacher: dict | None) -> list[dict]:
+    """Mean and spread of mAP per method, gain over the baseline, share of the gap closed."""
+    by_method: dict[str, list[float]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row["mAP"])
+    base = statistics.mean(by_method["none"]) if "none" in by_method else None
+    gap = (teacher["mAP"] - base) if teacher and base is not None else None
+    table = []
+    for method, values in by_method.items():
+        mean = statistics.mean(values)
+        entry = {
+            "method": method,
+            "runs": len(values),
+            "mAP_mean": mean,
+            "mAP_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+        if base is not None:
+            entry["gain"] = mean - base
+            entry["gap_closed"] = (mean - base) / gap if gap else None
+        table.append(entry)
+    return table
+
+
+def plot(table: list[dict], teacher: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [t["method"] for t in table]
+    ax.bar(
+        names,
+        [100 * t["mAP_mean"] for t in table],
+        yerr=[100 * t["mAP_std"] for t in table],
+        capsize=4,
+    )
+    if teacher:
+        ax.axhline(100 * teacher["mAP"], color="k", linestyle="--", label="teacher")
+        ax.legend()
+    ax.set_ylabel("val mAP (%)")
+    ax.set_title("student mAP by distillation method (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), default="digits")
+    parser.add_argument("--workdir", default="runs/method_table")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)}"
+    )
+    parser.add_argument("--weights", action="append", default=[], metavar="METHOD:NAME=W,...",
+                        help="override a method's weights, e.g. rm+pfi:rm=4,pfi=100")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="config override for every run"
+    )
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/results/<preset>_methods.json"
+    )
+    args = parser.parse_args()
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    weights = {name: dict(w) for name, w in METHODS.items()}
+    for item in args.weights:
+        name, _, text = item.partition(":")
+        weights[name] = parse_weights(text)
+
+    teacher_preset, student_preset, distill_preset = PRESETS[args.preset]
+    workdir = Path(args.workdir)
+    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    teacher_dir = workdir / "teacher"
+    teacher_job = {
+        "name": "teacher", "method": "teacher", "weights": {}, "seed": 0, "preset": teacher_preset,
+        "output_dir": str(teacher_dir), "overrides": [*args.overrides, f"output_dir={teacher_dir}"],
+        "epochs": None, "threads": os.cpu_count() or 1,
+    }  # fmt: skip
+    teacher = run_one(teacher_job)
+    jobs = []
+    for method in args.methods:
+        for seed in args.seeds:
+            name = f"{method}_s{seed}"
+            out_dir = workdir / name
+            overrides = [*args.overrides, f"output_dir={out_dir}", f"seed={seed}"]
+            if method == "none":
+                preset = student_preset
+            else:
+                preset = distill_preset
+                methods = "{" + ", ".join(f"{k}: {v}" for k, v in weights[method].items()) + "}"
+                overrides += [
+                    f"distill.teacher_checkpoint={teacher_dir / 'model.pt'}",
+                    f"distill.methods={methods}",
+                ]
+            jobs.append({"name": name, "method": method, "weights": weights[method], "seed": seed,
+                         "preset": preset, "output_dir": str(out_dir), "overrides": overrides,
+                         "epochs": None, "threads": threads})  # fmt: skip
+    if args.jobs > 1:
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            rows = list(pool.map(run_one, jobs))
+    else:
+        rows = [run_one(job) for job in jobs]
+    for row in [teacher, *rows]:
+        row["epochs"] = json.loads((Path(row["run_dir"]) / "summary.json").read_text())["epoch"]
+    table = summarise(rows, teacher)
+    out = Path(args.out or f"benchmarks/results/{args.preset}_methods.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(table, teacher, out.with_suffix(".png"))
+    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+    emit({"benchmark": "method_table", **environment(), "command": command, "preset": args.preset,
+          "teacher": teacher, "summary": table, "runs": rows}, str(out))  # fmt: skip
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
