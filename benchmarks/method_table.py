@@ -142,7 +142,7 @@ def main() -> None:
         "--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)}"
     )
     parser.add_argument("--weights", action="append", default=[], metavar="METHOD:NAME=W,...",
-                        help="override a method's weights, e.g. rm+pfi:rm=4,pfi=100")  # fmt: skip
+                        help="set a method's weights, or define a variant: rm+pfi100:rm=4,pfi=100")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="config override for every run"
@@ -152,13 +152,13 @@ def main() -> None:
         "--out", default=None, help="default: benchmarks/results/<preset>_methods.json"
     )
     args = parser.parse_args()
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     weights = {name: dict(w) for name, w in METHODS.items()}
-    for item in args.weights:
+    for item in args.weights:  # a new name defines a variant, e.g. rm+pfi100:rm=4,pfi=100
         name, _, text = item.partition(":")
         weights[name] = parse_weights(text)
+    unknown = sorted(set(args.methods) - set(weights))
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(weights)}")
 
     teacher_preset, student_preset, distill_preset = PRESETS[args.preset]
     workdir = Path(args.workdir)
