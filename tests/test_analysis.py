@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import train_tiny
 from detdistill.analysis import (
     ChannelMapFitter,
     feature_maps,
@@ -198,32 +199,11 @@ def test_maps_follow_spec_and_are_cropped_to_the_valid_region():
 # ------------------------------------------------------------- end to end
 
 
-def _train(tmp: Path, name: str, overrides: list[str]) -> Path:
-    from detdistill.engine.config import load_config
-    from detdistill.engine.presets import preset_path
-    from detdistill.engine.trainer import run
-
-    base = [
-        "data.name=shapes",
-        "data.num_train=16",
-        "data.num_val=8",
-        "data.image_size=64",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "model.num_classes=6",
-        "train.epochs=1",
-        f"data.root={tmp}",
-        f"output_dir={tmp / name}",
-    ]
-    run(load_config(preset_path("digits_teacher"), base + overrides), show_progress=False)
-    return tmp / name / "model.pt"
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis_models")
-    teacher = _train(tmp, "teacher", ["model.backbone_kwargs={width: 4, depth: 1}"])
-    student = _train(tmp, "student", ["model.backbone_kwargs={width: 2, depth: 1}"])
+    teacher = train_tiny(tmp, "teacher")
+    student = train_tiny(tmp, "student", "model.backbone_kwargs={width: 2, depth: 1}")
     return teacher, student
 
 

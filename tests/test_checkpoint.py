@@ -136,13 +136,16 @@ def test_full_payload_survives_weights_only(tmp_path: Path) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.SequentialLR(
         optimizer,
-        [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=3),
-         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)],
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=3),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10),
+        ],
         milestones=[3],
     )
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999)
+    )
     for _ in range(4):
         loss = model(torch.randn(2, 3, 8, 8)).square().mean()
         optimizer.zero_grad()
@@ -153,9 +156,14 @@ def test_full_payload_survives_weights_only(tmp_path: Path) -> None:
 
     cfg = config_from_dict({"distill": {"teacher_checkpoint": "t.pt"}})
     teacher = save_checkpoint(tmp_path / "teacher.pt", {"model": small_model().state_dict()})
-    weights = make_weights_payload(model.state_dict(), config_to_dict(cfg),
-                                   [str(i) for i in range(10)], epoch=1, step=4,
-                                   metrics={"mAP": 0.5, "AP50": 0.75})
+    weights = make_weights_payload(
+        model.state_dict(),
+        config_to_dict(cfg),
+        [str(i) for i in range(10)],
+        epoch=1,
+        step=4,
+        metrics={"mAP": 0.5, "AP50": 0.75},
+    )
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -188,8 +196,10 @@ def test_full_payload_survives_weights_only(tmp_path: Path) -> None:
     assert torch.equal(optimizer2.state_dict()["state"][0]["momentum_buffer"], momentum)
     scheduler2 = torch.optim.lr_scheduler.SequentialLR(
         optimizer2,
-        [torch.optim.lr_scheduler.LinearLR(optimizer2, start_factor=0.001, total_iters=3),
-         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer2, T_max=10)],
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer2, start_factor=0.001, total_iters=3),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer2, T_max=10),
+        ],
         milestones=[3],
     )
     scheduler2.load_state_dict(resumed["scheduler"])

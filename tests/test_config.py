@@ -48,8 +48,11 @@ def test_empty_preset_gives_the_schema_defaults(tmp_path: Path) -> None:
 
 
 def test_values_are_typed_and_int_is_accepted_for_float(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path / "c.yaml", "train: {lr: 1, grad_clip: null}\n"
-                                                 "data: {multiscale: [96, 128]}\n"))
+    cfg = load_config(
+        write(
+            tmp_path / "c.yaml", "train: {lr: 1, grad_clip: null}\ndata: {multiscale: [96, 128]}\n"
+        )
+    )
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.grad_clip is None
     assert cfg.data.multiscale == [96, 128]
@@ -57,8 +60,10 @@ def test_values_are_typed_and_int_is_accepted_for_float(tmp_path: Path) -> None:
 
 def test_scientific_notation_is_a_float(tmp_path: Path) -> None:
     # Plain PyYAML (YAML 1.1) reads 1e-4 as the string "1e-4".
-    cfg = load_config(write(tmp_path / "c.yaml", "train: {weight_decay: 1e-4, lr: 5E-3}\n"),
-                      ["train.ema_decay=9.99e-1"])
+    cfg = load_config(
+        write(tmp_path / "c.yaml", "train: {weight_decay: 1e-4, lr: 5E-3}\n"),
+        ["train.ema_decay=9.99e-1"],
+    )
     assert cfg.train.weight_decay == pytest.approx(1e-4)
     assert cfg.train.lr == pytest.approx(5e-3)
     assert cfg.train.ema_decay == pytest.approx(0.999)
@@ -66,16 +71,19 @@ def test_scientific_notation_is_a_float(tmp_path: Path) -> None:
 
 def test_overrides_set_nested_values_and_keep_the_rest(tmp_path: Path) -> None:
     preset = write(tmp_path / "c.yaml", "distill: {teacher_checkpoint: t.pt}\n")
-    cfg = load_config(preset, [
-        "train.lr=0.02",
-        "distill.methods.rm=4",
-        "distill.methods.kd=1",
-        "distill.method_options.rm.temperature=2.0",
-        "model.levels=[3, 4, 5, 6, 7]",
-        "train.max_steps=5",
-        "train.grad_clip=null",
-        "output_dir=runs/x=y",  # only the first '=' separates key and value
-    ])
+    cfg = load_config(
+        preset,
+        [
+            "train.lr=0.02",
+            "distill.methods.rm=4",
+            "distill.methods.kd=1",
+            "distill.method_options.rm.temperature=2.0",
+            "model.levels=[3, 4, 5, 6, 7]",
+            "train.max_steps=5",
+            "train.grad_clip=null",
+            "output_dir=runs/x=y",  # only the first '=' separates key and value
+        ],
+    )
     assert cfg.train.lr == 0.02
     assert cfg.distill is not None
     assert cfg.distill.methods == {"rm": 4.0, "pfi": 1.5, "kd": 1.0}
@@ -86,9 +94,14 @@ def test_overrides_set_nested_values_and_keep_the_rest(tmp_path: Path) -> None:
 
 
 def test_overrides_can_enable_a_null_section_in_any_order() -> None:
-    cfg = apply_overrides(Config(), ["distill.methods.kd=1.0",
-                                     "distill.teacher_model.backbone=resnet18",
-                                     "distill.teacher_checkpoint=teacher.pt"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            "distill.methods.kd=1.0",
+            "distill.teacher_model.backbone=resnet18",
+            "distill.teacher_checkpoint=teacher.pt",
+        ],
+    )
     assert cfg.distill == DistillConfig(
         teacher_checkpoint="teacher.pt",
         teacher_model=ModelConfig(backbone="resnet18"),
@@ -114,15 +127,18 @@ def test_parse_override() -> None:
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:
-    cfg = apply_overrides(Config(), [
-        "distill.teacher_checkpoint=t.pt",
-        "distill.teacher_model.backbone_kwargs={width: 64}",
-        "distill.method_options={rm: {temperature: 2.0, score: prob}}",
-        "model.kwargs={num_convs: 2}",
-        "train.lr=0.003",
-        "data.format=coco",
-        "data.train_annotations=a.json",
-    ])
+    cfg = apply_overrides(
+        Config(),
+        [
+            "distill.teacher_checkpoint=t.pt",
+            "distill.teacher_model.backbone_kwargs={width: 64}",
+            "distill.method_options={rm: {temperature: 2.0, score: prob}}",
+            "model.kwargs={num_convs: 2}",
+            "train.lr=0.003",
+            "data.format=coco",
+            "data.train_annotations=a.json",
+        ],
+    )
     path = save_config(cfg, tmp_path / "deep" / "config.yaml")
     assert load_config(path) == cfg
     assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
@@ -140,8 +156,13 @@ def test_every_preset_loads_and_round_trips(preset: Path, tmp_path: Path) -> Non
 
 def test_the_presets_named_in_the_docs_exist_and_say_what_they_claim() -> None:
     names = {p.name for p in PRESETS}
-    assert {"digits_teacher.yaml", "digits_student.yaml", "digits_distill.yaml",
-            "voc_r50_r18.yaml", "coco_retinanet_r101_r50.yaml"} <= names
+    assert {
+        "digits_teacher.yaml",
+        "digits_student.yaml",
+        "digits_distill.yaml",
+        "voc_r50_r18.yaml",
+        "coco_retinanet_r101_r50.yaml",
+    } <= names
 
     teacher = load_config(CONFIGS / "digits_teacher.yaml")
     student = load_config(CONFIGS / "digits_student.yaml")
@@ -172,11 +193,15 @@ def test_the_presets_named_in_the_docs_exist_and_say_what_they_claim() -> None:
 
 def test_base_inheritance_merges_sections_and_replaces_mappings(tmp_path: Path) -> None:
     (tmp_path / "presets").mkdir()
-    write(tmp_path / "presets" / "base.yaml",
-          "seed: 3\ntrain: {lr: 0.05, epochs: 2}\n"
-          "distill: {teacher_checkpoint: t.pt, methods: {rm: 4.0, pfi: 1.5}}\n")
-    child = write(tmp_path / "presets" / "child.yaml",
-                  "_base_: base.yaml\ntrain: {epochs: 5}\ndistill: {methods: {kd: 1.0}}\n")
+    write(
+        tmp_path / "presets" / "base.yaml",
+        "seed: 3\ntrain: {lr: 0.05, epochs: 2}\n"
+        "distill: {teacher_checkpoint: t.pt, methods: {rm: 4.0, pfi: 1.5}}\n",
+    )
+    child = write(
+        tmp_path / "presets" / "child.yaml",
+        "_base_: base.yaml\ntrain: {epochs: 5}\ndistill: {methods: {kd: 1.0}}\n",
+    )
     grandchild = write(tmp_path / "gc.yaml", "_base_: presets/child.yaml\nseed: 7\n")
 
     cfg = load_config(child)
@@ -206,10 +231,12 @@ def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
     assert str(preset) in message
 
     message = error_of(apply_overrides, Config(), ["train.lrr=0.1"])
-    assert message == ("override 'train.lrr=0.1': "
-                       "unknown key 'train.lrr' (did you mean 'train.lr'?)")
+    assert message == (
+        "override 'train.lrr=0.1': unknown key 'train.lrr' (did you mean 'train.lr'?)"
+    )
     assert "unknown key 'trian' (did you mean 'train'?)" in error_of(
-        apply_overrides, Config(), ["trian.lr=0.1"])
+        apply_overrides, Config(), ["trian.lr=0.1"]
+    )
 
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
@@ -219,29 +246,39 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
 
 def test_wrong_type_names_key_expected_and_got() -> None:
     assert error_of(apply_overrides, Config(), ["train.epochs=ten"]).endswith(
-        "train.epochs: expected int, got str 'ten'")
+        "train.epochs: expected int, got str 'ten'"
+    )
     assert "train.epochs: expected int, got float 1.5" in error_of(
-        apply_overrides, Config(), ["train.epochs=1.5"])
+        apply_overrides, Config(), ["train.epochs=1.5"]
+    )
     assert "train.amp: expected bool, got int 1" in error_of(
-        apply_overrides, Config(), ["train.amp=1"])
+        apply_overrides, Config(), ["train.amp=1"]
+    )
     assert "train.grad_clip: expected float or null, got str 'big'" in error_of(
-        apply_overrides, Config(), ["train.grad_clip=big"])
+        apply_overrides, Config(), ["train.grad_clip=big"]
+    )
     assert "model.levels[1]: expected int, got str 'x'" in error_of(
-        apply_overrides, Config(), ["model.levels=[3, x]"])
+        apply_overrides, Config(), ["model.levels=[3, x]"]
+    )
     assert "data.multiscale: expected list[int], got int 5" in error_of(
-        apply_overrides, Config(), ["data.multiscale=5"])
+        apply_overrides, Config(), ["data.multiscale=5"]
+    )
     assert "distill.methods.rm: expected float, got str 'high'" in error_of(
-        apply_overrides, Config(), ["distill.teacher_checkpoint=t", "distill.methods.rm=high"])
+        apply_overrides, Config(), ["distill.teacher_checkpoint=t", "distill.methods.rm=high"]
+    )
     assert "distill.teacher_model.num_classes: expected int" in error_of(
-        apply_overrides, Config(),
-        ["distill.teacher_checkpoint=t", "distill.teacher_model.num_classes=many"])
+        apply_overrides,
+        Config(),
+        ["distill.teacher_checkpoint=t", "distill.teacher_model.num_classes=many"],
+    )
 
 
 def test_wrong_type_in_a_file_names_the_file(tmp_path: Path) -> None:
     preset = write(tmp_path / "c.yaml", "train:\n  epochs: ten\n")
     assert error_of(load_config, preset) == f"{preset}: train.epochs: expected int, got str 'ten'"
     assert "model: expected mapping, got list" in error_of(
-        load_config, write(tmp_path / "d.yaml", "model: [1, 2]\n"))
+        load_config, write(tmp_path / "d.yaml", "model: [1, 2]\n")
+    )
 
 
 def test_bad_literal_lists_the_choices() -> None:
@@ -249,7 +286,8 @@ def test_bad_literal_lists_the_choices() -> None:
     assert "train.optimizer: expected one of 'sgd', 'adamw', got str 'adam'" in message
     assert "did you mean 'adamw'" in message
     assert "data.format: expected one of 'embedded', 'coco', 'voc'" in error_of(
-        apply_overrides, Config(), ["data.format=yolo"])
+        apply_overrides, Config(), ["data.format=yolo"]
+    )
 
 
 def test_out_of_range_values() -> None:

@@ -80,10 +80,16 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     # What torchrun would set for each process.
-    os.environ.update({
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
-    })
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+    )
     torch.set_num_threads(1)
     info = ddist.init_distributed(device="cpu", timeout_s=60)
     try:

@@ -41,7 +41,7 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
+def exported(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
     """A briefly trained RetinaNet with its classifier re-drawn, exported once.
 
     One epoch on 16 images leaves every score at the focal-loss prior (0.01, the
@@ -50,30 +50,9 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     deviation 2 (scores spread over (0, 1), none saturated at 1.0), make the
     detection comparison meaningful; backbone, neck and box branch stay as trained.
     """
-    from detdistill.engine.config import load_config
-    from detdistill.engine.presets import preset_path
-    from detdistill.engine.trainer import run
-
     tmp = tmp_path_factory.mktemp("export")
-    cfg = load_config(
-        preset_path("digits_teacher"),
-        [
-            "data.name=shapes",
-            "data.num_train=16",
-            "data.num_val=8",
-            f"data.image_size={TRAIN_SIZE}",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "model.num_classes=6",
-            "model.backbone_kwargs={width: 4, depth: 1}",
-            "train.epochs=1",
-            f"data.root={tmp}",
-            f"output_dir={tmp / 'run'}",
-        ],
-    )
-    run(cfg, show_progress=False)
-    payload = torch.load(tmp / "run" / "model.pt", weights_only=True)
-    detector = load_detector(tmp / "run" / "model.pt").model.eval()
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    detector = load_detector(tiny_checkpoint).model.eval()
     head = detector.head.classification_head
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -28,32 +28,11 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    from detdistill.engine.config import load_config
-    from detdistill.engine.presets import preset_path
-    from detdistill.engine.trainer import run
-
-    tmp = tmp_path_factory.mktemp("predict")
-    cfg = load_config(
-        preset_path("digits_teacher"),
-        [
-            "data.name=shapes",
-            "data.num_train=16",
-            "data.num_val=8",
-            f"data.image_size={TRAIN_SIZE}",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "model.num_classes=6",
-            "model.backbone_kwargs={width: 4, depth: 1}",
-            "train.epochs=1",
-            f"data.root={tmp}",
-            f"output_dir={tmp / 'run'}",
-        ],
-    )
-    run(cfg, show_progress=False)
+def trained(tiny_checkpoint) -> dict[str, Path]:
+    tmp = tiny_checkpoint.parent.parent
     images = sorted((tmp / "shapes" / "val").glob("*.jpg"))
     assert len(images) >= 4
-    return {"checkpoint": tmp / "run" / "model.pt", "images": images, "tmp": tmp}
+    return {"checkpoint": tiny_checkpoint, "images": images, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")

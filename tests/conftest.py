@@ -1,0 +1,41 @@
+"""Shared test helpers: one tiny, quickly trained detector setup used across test files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_SIZE = 64
+
+# A RetinaNet of a few thousand parameters on 16 `shapes` images at 64 px: trains
+# in seconds, enough to exercise checkpoints, evaluation, prediction and export.
+TINY_OVERRIDES = [
+    "data.name=shapes",
+    "data.num_train=16",
+    "data.num_val=8",
+    f"data.image_size={TINY_SIZE}",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "model.num_classes=6",
+    "model.backbone_kwargs={width: 4, depth: 1}",
+    "train.epochs=1",
+    "train.warmup_iters=1",
+]
+
+
+def train_tiny(root: Path, name: str, *extra: str) -> Path:
+    """Train a tiny run under ``root / name`` (data cached in ``root``); returns its model.pt."""
+    from detdistill.engine.config import load_config
+    from detdistill.engine.presets import preset_path
+    from detdistill.engine.trainer import run
+
+    overrides = [*TINY_OVERRIDES, f"data.root={root}", f"output_dir={root / name}", *extra]
+    run(load_config(preset_path("digits_teacher"), overrides), show_progress=False)
+    return root / name / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """One trained tiny checkpoint for every test that only needs *a* trained model."""
+    return train_tiny(tmp_path_factory.mktemp("tiny"), "run")
