@@ -184,8 +184,10 @@ def test_the_presets_named_in_the_docs_exist_and_say_what_they_claim() -> None:
     assert coco.train.epochs == 24 and coco.train.milestones == [16, 22]
     assert coco.train.lr == 0.01 and coco.train.schedule == "step"
     assert coco.distill is not None and coco.distill.methods == {"rm": 4.0, "pfi": 1.5}
-    assert coco.distill.teacher_model is not None
-    assert coco.distill.teacher_model.backbone == "resnet101"
+    assert coco.distill.teacher_model is None  # read from the teacher checkpoint
+    teacher = load_config(CONFIGS / "coco_retinanet_r101.yaml")
+    assert teacher.model.backbone == "resnet101" and teacher.model.levels == coco.model.levels
+    assert coco.distill.teacher_checkpoint == f"{teacher.output_dir}/model.pt"
 
 
 # --- inheritance --------------------------------------------------------------------

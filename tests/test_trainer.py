@@ -77,6 +77,7 @@ def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, d
         levels=(3, 4, 5),
         min_size=64,
         max_size=64,
+        head_norm="gn",
     )
     plain.load_state_dict(payload["model"], strict=True)
     loaded = load_detector(run_dir / "model.pt")
