@@ -190,3 +190,21 @@ def test_reloading_a_pretrained_build_reads_no_backbone_weights(tmp_path):
     local.unlink()  # a reload that tried to read the backbone file would fail now
     reloaded = load_detector(tmp_path / "model.pt").model
     assert torch.equal(reloaded.backbone.body.state_dict()["0.0.weight"], first_conv)
+
+
+def test_ema_weights_are_what_the_run_saves_and_evaluates(tmp_path, data_root):
+    cfg = tiny_config(
+        tmp_path,
+        "ema",
+        "train.ema=true",
+        "train.ema_decay=0.5",
+        "train.epochs=1",
+        data_root=data_root,
+    )
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.fit()
+    saved = weights(tmp_path / "ema")
+    raw = trainer.model.state_dict()
+    averaged = trainer.ema.module.state_dict()
+    assert_same_weights(saved, averaged)
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,7 +399,4 @@ def run(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunRes
     trainer = Trainer(cfg, show_progress=show_progress)
     if resume:
         trainer.resume()
-    result = trainer.fit()
-    if not math.isfinite(sum(result.metrics.values()) if result.metrics else 0.0):
-        log.warning("evaluation returned non-finite metrics: %s", result.metrics)
-    return result
+    return trainer.fit()
