@@ -297,8 +297,10 @@ def _convert(value: Any, tp: Any, key: str, partial: bool = False) -> Any:
             return tuple(_convert(v, args[0], f"{key}[{i}]", partial) for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}", key)
-        return tuple(_convert(v, a, f"{key}[{i}]", partial)
-                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _convert(v, a, f"{key}[{i}]", partial)
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict:
         if not isinstance(value, Mapping):
             raise _mismatch(key, tp, value)
@@ -360,7 +362,9 @@ def _convert_dataclass(value: Any, cls: type, key: str, partial: bool) -> Any:
 def _unknown_key(full: str, name: str, valid: list[str], prefix: str) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     if close:
-        return ConfigError(f"unknown key '{full}' (did you mean '{_join(prefix, close[0])}'?)", full)
+        return ConfigError(
+            f"unknown key '{full}' (did you mean '{_join(prefix, close[0])}'?)", full
+        )
     where = f"'{prefix}'" if prefix else "the top level"
     return ConfigError(f"unknown key '{full}' (valid keys in {where}: {', '.join(valid)})", full)
 
@@ -465,8 +469,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = _yaml_load(raw_value)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"bad override {text!r}: invalid YAML value: {_yaml_error(exc)}",
-                          key) from None
+        raise ConfigError(
+            f"bad override {text!r}: invalid YAML value: {_yaml_error(exc)}", key
+        ) from None
     return key, value
 
 
@@ -495,15 +500,17 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
                 node[part] = child = _section_defaults(tp)
             elif not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {text!r}: '{where}' is {_describe(child)}, "
-                                  f"not a section, so '{key}' cannot be set", where)
+                raise ConfigError(
+                    f"override {text!r}: '{where}' is {_describe(child)}, "
+                    f"not a section, so '{key}' cannot be set",
+                    where,
+                )
             node = child
         node[parts[-1]] = value
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        culprit = next((text for text, key, _ in reversed(parsed)
-                        if _related(key, exc.key)), None)
+        culprit = next((text for text, key, _ in reversed(parsed) if _related(key, exc.key)), None)
         where = f"override {culprit!r}" if culprit else "after overrides"
         raise ConfigError(f"{where}: {exc}", exc.key) from None
 
@@ -526,8 +533,10 @@ def _related(override_key: str, error_key: str) -> bool:
     """Whether an error at ``error_key`` can come from setting ``override_key``."""
     if not error_key:
         return False
-    return any(a == b or a.startswith(b + ".") or a.startswith(b + "[")
-               for a, b in ((override_key, error_key), (error_key, override_key)))
+    return any(
+        a == b or a.startswith(b + ".") or a.startswith(b + "[")
+        for a, b in ((override_key, error_key), (error_key, override_key))
+    )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] | None = None) -> Config:

@@ -94,7 +94,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         extra: dict[str, Any] = {}
-        if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        if (
+            backend == "nccl"
+            and "device_id" in inspect.signature(dist.init_process_group).parameters
+        ):
             extra["device_id"] = resolved  # binds the rank to its GPU (torch >= 2.3)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **extra)
         world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -148,12 +151,16 @@ def reduce_dict_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         return detached
     for key, value in detached.items():
         if value.numel() != 1:
-            raise ValueError(f"reduce_dict_mean: '{key}' has {value.numel()} elements, "
-                             "expected a scalar")
+            raise ValueError(
+                f"reduce_dict_mean: '{key}' has {value.numel()} elements, expected a scalar"
+            )
     keys = sorted(detached)
     # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
     stacked = torch.stack([detached[k].reshape(()).float().to(device) for k in keys])
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     stacked /= dist.get_world_size()

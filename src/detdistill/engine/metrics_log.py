@@ -45,8 +45,9 @@ class MetricsLogger:
     callers need no rank checks.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], enabled: bool = True,
-                 tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike[str], enabled: bool = True, tensorboard: bool = True
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._file: IO[str] | None = None
@@ -99,8 +100,12 @@ class MetricsLogger:
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
