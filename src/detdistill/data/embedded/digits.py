@@ -24,6 +24,7 @@ from detdistill.data.embedded.render import (
     blend,
     box_overlap,
     contrasting_colour,
+    ink_box,
     local_grid,
     luminance,
     segment_sdf,
@@ -152,19 +153,6 @@ def _render_digit(
     return rows, cols, alpha
 
 
-def _box(alpha: np.ndarray, rows: slice, cols: slice) -> tuple[int, int, int, int] | None:
-    ink = alpha >= INK_THRESHOLD
-    ys, xs = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    if len(xs) == 0:
-        return None
-    return (
-        cols.start + int(xs[0]),
-        rows.start + int(ys[0]),
-        cols.start + int(xs[-1]) + 1,
-        rows.start + int(ys[-1]) + 1,
-    )
-
-
 def _ink_colour(
     rng: np.random.Generator, canvas: np.ndarray, rows: slice, cols: slice
 ) -> np.ndarray:
@@ -201,7 +189,7 @@ def _distractors(
         height = float(np.exp(rng.uniform(np.log(MIN_HEIGHT * scale), np.log(MAX_HEIGHT * scale))))
         cx, cy = rng.uniform(height / 2, size - height / 2, 2)
         rows, cols, alpha = _render_digit(rng, glyph, height, size, cx, cy)
-        box = _box(alpha, rows, cols)
+        box = ink_box(alpha, rows, cols, INK_THRESHOLD)
         if box is None:
             continue
         blend(
@@ -252,7 +240,7 @@ def generate_scene(
             margin = height * 0.6
             cx, cy = rng.uniform(margin, size - margin, 2)
             rows, cols, alpha = _render_digit(rng, glyph, height, size, cx, cy)
-            box = _box(alpha, rows, cols)
+            box = ink_box(alpha, rows, cols, INK_THRESHOLD)
             if box is None or min(box[2] - box[0], box[3] - box[1]) < 2:
                 continue
             if any(box_overlap(box, other) > MAX_OVERLAP for other in taken + boxes):
