@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from detdistill.losses import DistillBatch, build_method
 from detdistill.models.output import DetectorOutput
@@ -204,7 +205,8 @@ class Distiller(nn.Module):
         for name, method in self.methods.items():
             if name in losses:
                 raise ValueError(f"distillation method {name!r} clashes with a detection loss name")
-            losses[name] = self.weights[name] * method(batch)
+            with record_function(f"distill/{name}"):  # named in profiler traces
+                losses[name] = self.weights[name] * method(batch)
         return losses
 
     @torch.no_grad()
