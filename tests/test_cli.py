@@ -140,3 +140,60 @@ def test_data_make_output_is_listed(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "train_annotations" in out and Path(tmp_path / "d" / "val.json").is_file()
+
+
+def test_eval_on_a_voc_directory_with_broken_files(tiny_checkpoint, tmp_path, capsys):
+    """A VOC copy of the validation scenes, plus a truncated image and a degenerate box."""
+    shapes = tiny_checkpoint.parent.parent / "shapes"
+    coco = json.loads((shapes / "val.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    root = tmp_path / "voc"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    ids = []
+    for image in coco["images"]:
+        stem = Path(image["file_name"]).stem
+        ids.append(stem)
+        (root / "JPEGImages" / f"{stem}.jpg").write_bytes(
+            (shapes / "val" / image["file_name"]).read_bytes()
+        )
+        objects = "".join(
+            f"<object><name>{names[a['category_id']]}</name><difficult>0</difficult><bndbox>"
+            f"<xmin>{a['bbox'][0] + 1}</xmin><ymin>{a['bbox'][1] + 1}</ymin>"
+            f"<xmax>{a['bbox'][0] + a['bbox'][2]}</xmax><ymax>{a['bbox'][1] + a['bbox'][3]}</ymax>"
+            "</bndbox></object>"
+            for a in coco["annotations"]
+            if a["image_id"] == image["id"]
+        )
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename><size><width>{image['width']}</width>"
+            f"<height>{image['height']}</height><depth>3</depth></size>{objects}</annotation>"
+        )
+    # a truncated image, and a zero-width box (VOC pixels 10..9) added to the first scene
+    (root / "JPEGImages" / "broken.jpg").write_bytes(
+        (root / "JPEGImages" / f"{ids[0]}.jpg").read_bytes()[:200]
+    )
+    (root / "Annotations" / "broken.xml").write_text(
+        "<annotation><filename>broken.jpg</filename><size><width>64</width><height>64</height>"
+        "<depth>3</depth></size></annotation>"
+    )
+    first = root / "Annotations" / f"{ids[0]}.xml"
+    degenerate = (
+        f"<object><name>{names[1]}</name><difficult>0</difficult><bndbox>"
+        "<xmin>10</xmin><ymin>10</ymin><xmax>9</xmax><ymax>30</ymax></bndbox></object>"
+    )
+    first.write_text(first.read_text().replace("</annotation>", degenerate + "</annotation>"))
+    (root / "ImageSets" / "Main" / "val.txt").write_text("\n".join([*ids, "broken"]) + "\n")
+
+    out = tmp_path / "voc_metrics.json"
+    code = main(
+        ["eval", str(tiny_checkpoint), "--data", str(root), "--format", "voc", "--out", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) == {"mAP", "AP50", "AP75", "APs", "APm", "APl"}
+    problems = result["data_problems"]
+    assert problems["counts"] == {"unreadable_image": 1, "box_nonpositive_size": 1}
+    assert "broken.jpg" in problems["examples"]["unreadable_image"][0]
+    assert f"{ids[0]}.xml" in problems["examples"]["box_nonpositive_size"][0]
+    assert "error" not in capsys.readouterr().err
