@@ -15,9 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from _common import emit, environment
-from detdistill.distill import Distiller
-from detdistill.models import build_detector
-from step_overhead import PAIRS, make_batch
+from step_overhead import NUM_CLASSES, PAIRS, build_pair, make_batch
 
 
 def main() -> None:
@@ -30,17 +28,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     spec = PAIRS[args.pair]
-    common = {
-        "num_classes": 10,
-        "levels": spec["levels"],
-        "min_size": spec["size"],
-        "max_size": spec["size"],
-    }
-    torch.manual_seed(0)
-    teacher = build_detector("retinanet", **common, **spec["teacher"])
-    student = build_detector("retinanet", **common, **spec["student"])
-    distiller = Distiller(student, teacher, {"rm": 4.0, "pfi": 1.5}).train()
-    images, targets = make_batch(spec["size"], spec["batch"], 10)
+    distiller = build_pair(spec, {"rm": 4.0, "pfi": 1.5})
+    images, targets = make_batch(spec["size"], spec["batch"], NUM_CLASSES)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=1e-4)
 
     def step() -> None:

@@ -61,10 +61,13 @@ def make_batch(size: int, batch: int, num_classes: int) -> tuple[list, list]:
     return images, targets
 
 
-def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> dict:
-    num_classes = 10
+NUM_CLASSES = 10
+
+
+def build_pair(spec: dict, methods: dict[str, float]) -> Distiller:
+    """The pair's RetinaNet teacher and student in a Distiller, in training mode."""
     common = {
-        "num_classes": num_classes,
+        "num_classes": NUM_CLASSES,
         "levels": spec["levels"],
         "min_size": spec["size"],
         "max_size": spec["size"],
@@ -72,8 +75,13 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
     torch.manual_seed(0)
     teacher = build_detector("retinanet", **common, **spec["teacher"])
     student = build_detector("retinanet", **common, **spec["student"])
-    distiller = Distiller(student, teacher, methods).train()
-    images, targets = make_batch(spec["size"], spec["batch"], num_classes)
+    return Distiller(student, teacher, methods).train()
+
+
+def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> dict:
+    distiller = build_pair(spec, methods)
+    teacher, student = distiller.teacher, distiller.student
+    images, targets = make_batch(spec["size"], spec["batch"], NUM_CLASSES)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=1e-4, momentum=0.9)
 
     def step(loss_fn) -> None:

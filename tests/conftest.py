@@ -39,3 +39,14 @@ def train_tiny(root: Path, name: str, *extra: str) -> Path:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """One trained tiny checkpoint for every test that only needs *a* trained model."""
     return train_tiny(tmp_path_factory.mktemp("tiny"), "run")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP spinning on a busy machine costs seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

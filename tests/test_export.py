@@ -32,12 +32,8 @@ CLASS_NAMES_KEY = "class_names"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spinning on a busy machine costs seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny models gain nothing from threads (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
