@@ -93,10 +93,20 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
     def student_step() -> None:
         step(lambda: student(images, targets).losses)
 
+    image_list, _ = student.transform(images, [dict(t) for t in targets])
+
     @torch.no_grad()
+    def forward(model) -> None:
+        model.forward_batch(image_list.tensors, image_list.image_sizes)
+
     def teacher_forward() -> None:
-        image_list, _ = student.transform(images, [dict(t) for t in targets])
-        teacher.forward_batch(image_list.tensors, image_list.image_sizes)
+        forward(teacher)
+
+    def student_forward() -> None:
+        was_training = student.training
+        student.eval()
+        forward(student)
+        student.train(was_training)
 
     def distill_step() -> None:
         step(lambda: distiller(images, targets))
@@ -104,6 +114,7 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
     student_s = best_time(student_step, repeats)
     teacher_s = best_time(teacher_forward, repeats)
     distill_s = best_time(distill_step, repeats)
+    student_forward_s = best_time(student_forward, repeats)
     return {
         "pair": name,
         "image_size": spec["size"],
@@ -117,6 +128,10 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
         "overhead_ratio": distill_s / (student_s + teacher_s),
         "student_train_images_per_s": spec["batch"] / student_s,
         "distill_train_images_per_s": spec["batch"] / distill_s,
+        # The network alone in eval mode (no resize, decoding or NMS): inference_speed.py
+        # measures the whole predict path of the demo models.
+        "teacher_forward_images_per_s": spec["batch"] / teacher_s,
+        "student_forward_images_per_s": spec["batch"] / student_forward_s,
     }
 
 

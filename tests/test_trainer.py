@@ -84,6 +84,18 @@ def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, d
     assert loaded.class_names == payload["class_names"]
 
 
+@pytest.mark.parametrize(("interval", "evaluated"), [(0, [3]), (2, [2, 3])])
+def test_eval_interval_zero_evaluates_after_the_last_epoch_only(
+    tmp_path, data_root, interval, evaluated
+):
+    cfg = tiny_config(
+        tmp_path, "run", "train.epochs=3", f"train.eval_interval={interval}", data_root=data_root
+    )
+    result = run(cfg, show_progress=False)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run") if "val/mAP" in r] == evaluated
+    assert set(result.metrics) >= {"mAP", "AP50"}
+
+
 def test_resume_after_interruption_continues_the_same_curve(tmp_path, data_root, monkeypatch):
     full = run(tiny_config(tmp_path, "full", data_root=data_root), show_progress=False)
     assert full.status == "completed"

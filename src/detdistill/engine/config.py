@@ -141,7 +141,7 @@ class TrainConfig:
     amp: bool = False
     ema: bool = False
     ema_decay: float = field(default=0.9998, metadata=_OPEN_UNIT)
-    eval_interval: int = field(default=1, metadata=_POSITIVE)
+    eval_interval: int = field(default=1, metadata=_NON_NEGATIVE)  # 0: after the last epoch only
     log_interval: int = field(default=20, metadata=_POSITIVE)
     max_steps: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
 

@@ -313,7 +313,8 @@ class Trainer:
                         break
                     self.epoch += 1
                     self.batch_in_epoch = 0
-                    if self.epoch % cfg.train.eval_interval == 0 or self.epoch == cfg.train.epochs:
+                    interval = cfg.train.eval_interval
+                    if (interval and self.epoch % interval == 0) or self.epoch == cfg.train.epochs:
                         self.metrics = self.evaluate()
                         record = {f"val/{k}": v for k, v in self.metrics.items()}
                         logger.log(record, step=self.step, epoch=self.epoch)
