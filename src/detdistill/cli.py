@@ -17,12 +17,14 @@ from detdistill import __version__
 
 log = logging.getLogger("detdistill")
 
-EPILOG = "Presets: " + ", ".join(
-    ["digits_teacher", "digits_student", "digits_distill", "voc_r50_r18", "coco_retinanet_r101_r50"]
-)
+
+def _epilog() -> str:
+    from detdistill.engine.presets import list_presets
+
+    return "Presets: " + ", ".join(list_presets())
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
     parser.add_argument("config", help="YAML config file or preset name (see `detdistill presets`)")
     parser.add_argument(
         "--set",
@@ -32,6 +34,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value with a dotted key, e.g. --set train.lr=0.02 (repeatable)",
     )
+    if not training:
+        return
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in output_dir from its last state"
     )
@@ -202,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workdir", default="runs/demo", help="where runs and the table go (default: runs/demo)"
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
         "train",
         help="train a detector on its own (a teacher or the student baseline)",
-        epilog=EPILOG,
+        epilog=_epilog(),
     )
     _add_config_args(p)
     p.set_defaults(func=lambda a: _cmd_train(a, distill=False))
@@ -218,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a student with a teacher checkpoint and the chosen methods",
         description="Runs the doctor's checks, then trains. Methods and weights come from "
         "`distill.methods`, e.g. --set distill.methods='{rm: 4.0, pfi: 1.5}'.",
-        epilog=EPILOG,
+        epilog=_epilog(),
     )
     _add_config_args(p)
     p.set_defaults(func=lambda a: _cmd_train(a, distill=True))
@@ -235,14 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--images",
         help="COCO images folder (default: beside the annotation file, or its 'images' sub-folder)",
     )
-    p.add_argument("--format", choices=["coco", "voc"], default="coco")
+    p.add_argument(
+        "--format", choices=["coco", "voc"], default="coco", help="layout of --data (default: coco)"
+    )
     p.add_argument("--split", default="val", help="VOC split (default: val)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     p.add_argument("--out", help="JSON output (default: metrics_<data>.json beside the checkpoint)")
     p.add_argument("--per-class", action="store_true", help="also print per-class AP")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("compare", help="runs side by side: final metrics table and mAP over epochs")
+    p = sub.add_parser(
+        "compare",
+        help="runs side by side: final metrics table and mAP over epochs",
+        description="Final COCO metrics of each run, with the gain over the first one, and "
+        "optionally a plot of validation mAP per epoch, e.g. "
+        "`detdistill compare runs/demo/student_baseline runs/demo/student_rm_pfi --plot mAP.png`.",
+    )
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     p.add_argument("--plot", help="write a PNG of mAP over epochs here")
     p.set_defaults(func=_cmd_compare)
@@ -250,10 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "doctor",
         help="checks before a long run: weights load, teacher mAP, compatibility, shapes, loss sizes",
-        epilog=EPILOG,
+        description="Loads both checkpoints strictly, evaluates the teacher on the validation data "
+        "(near-zero mAP is an error), checks that teacher and student fit together, prints the "
+        "feature and logit shapes per FPN level, and each weighted loss term at step 0 next to "
+        "the detection loss (flagged when 100x larger or smaller). `distill` runs it first.",
+        epilog=_epilog(),
     )
-    p.add_argument("config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_config_args(p, training=False)
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("data", help="embedded data sets")
@@ -261,10 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     make = data_sub.add_parser("make", help="write an embedded data set in COCO format")
     make.add_argument("name", choices=["digits", "shapes"])
     make.add_argument("--out", required=True, help="output folder")
-    make.add_argument("--num-train", type=int, default=3000)
-    make.add_argument("--num-val", type=int, default=500)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--image-size", type=int, default=128)
+    make.add_argument("--num-train", type=int, default=3000, help="training images (default: 3000)")
+    make.add_argument("--num-val", type=int, default=500, help="validation images (default: 500)")
+    make.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
+    make.add_argument(
+        "--image-size", type=int, default=128, help="square side in px (default: 128)"
+    )
     make.set_defaults(func=_cmd_data_make)
 
     p = sub.add_parser(
@@ -280,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="COCO annotation JSON or VOC root (default: the student's validation data)"
     )
     p.add_argument("--images", help="COCO images folder")
-    p.add_argument("--format", choices=["coco", "voc"], default="coco")
-    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--format", choices=["coco", "voc"], default="coco", help="layout of --data (default: coco)"
+    )
+    p.add_argument("--split", default="val", help="VOC split (default: val)")
     p.add_argument("--out", default="analysis", help="output folder (default: analysis)")
     p.add_argument("--max-images", type=int, default=200, help="images to analyse (default: 200)")
     p.add_argument("--num-images", type=int, default=4, help="images to draw (default: 4)")
@@ -293,17 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a model.pt")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score-threshold", type=float, default=0.3)
-    p.add_argument("--max-detections", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--score-threshold", type=float, default=0.3, help="boxes drawn and kept (default: 0.3)"
+    )
+    p.add_argument("--max-detections", type=int, default=100, help="per image (default: 100)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export the student alone (no teacher, no adapters) to ONNX")
     p.add_argument("checkpoint", help="a model.pt")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("presets", help="list the bundled config presets")
