@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from _common import emit, environment
 
 PRESETS = {
@@ -42,6 +44,16 @@ METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 def parse_weights(text: str) -> dict[str, float]:
     """``rm=4,pfi=1.5`` -> ``{"rm": 4.0, "pfi": 1.5}``."""
     return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+
+
+def parse_options(text: str) -> dict[str, dict[str, object]]:
+    """``rm.score=prob,pfi.detach_weight=false`` -> ``{"rm": {"score": "prob"}, "pfi": {...: False}}``."""
+    options: dict[str, dict[str, object]] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        method, _, option = key.partition(".")
+        options.setdefault(method, {})[option] = yaml.safe_load(value)
+    return options
 
 
 def preset_methods(distill_preset: str) -> dict[str, dict[str, float]]:
@@ -84,6 +96,7 @@ def run_one(job: dict) -> dict:
         "name": job["name"],
         "method": job["method"],
         "weights": job["weights"],
+        "options": job["options"],
         "seed": job["seed"],
         **{k: metrics.get(k) for k in METRICS},
         "epochs": job["epochs"],
@@ -149,6 +162,9 @@ def main() -> None:
                         help="rows to train (default: %(default)s; also scorel2)")  # fmt: skip
     parser.add_argument("--weights", action="append", default=[], metavar="METHOD:NAME=W,...",
                         help="set a method's weights, or define a variant: rm+pfi100:rm=4,pfi=100")  # fmt: skip
+    parser.add_argument("--options", action="append", default=[], metavar="NAME:METHOD.KEY=V,...",
+                        help="method options of a row, e.g. rm-prob:rm.score=prob (with --weights "
+                             "rm-prob:rm=1)")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="config override for every run"
@@ -163,6 +179,9 @@ def main() -> None:
     for item in args.weights:  # a new name defines a variant, e.g. rm+pfi100:rm=4,pfi=100
         name, _, text = item.partition(":")
         weights[name] = parse_weights(text)
+    options = {
+        name: parse_options(text) for name, _, text in (o.partition(":") for o in args.options)
+    }
     unknown = sorted(set(args.methods) - set(weights))
     if unknown:
         sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(weights)}")
@@ -171,7 +190,7 @@ def main() -> None:
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     teacher_dir = workdir / "teacher"
     teacher_job = {
-        "name": "teacher", "method": "teacher", "weights": {}, "seed": 0, "preset": teacher_preset,
+        "name": "teacher", "method": "teacher", "weights": {}, "options": {}, "seed": 0, "preset": teacher_preset,
         "output_dir": str(teacher_dir), "overrides": [*args.overrides, f"output_dir={teacher_dir}"],
         "epochs": None, "threads": os.cpu_count() or 1,
     }  # fmt: skip
@@ -192,8 +211,10 @@ def main() -> None:
                 overrides += [
                     f"distill.teacher_checkpoint={teacher_dir / 'model.pt'}",
                     f"distill.methods={methods}",
+                    f"distill.method_options={json.dumps(options.get(method, {}))}",
                 ]
-            jobs.append({"name": name, "method": method, "weights": weights[method], "seed": seed,
+            jobs.append({"name": name, "method": method, "weights": weights[method],
+                         "options": options.get(method, {}), "seed": seed,
                          "preset": preset, "output_dir": str(out_dir), "overrides": overrides,
                          "epochs": None, "threads": threads})  # fmt: skip
     if args.jobs > 1:
