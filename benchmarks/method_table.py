@@ -107,25 +107,54 @@ def run_one(job: dict) -> dict:
 
 def summarise(rows: list[dict], teacher: dict | None) -> list[dict]:
     """Mean and spread of mAP per method, gain over the baseline, share of the gap closed."""
-    by_method: dict[str, list[float]] = {}
+    by_method: dict[str, list[dict]] = {}
     for row in rows:
-        by_method.setdefault(row["method"], []).append(row["mAP"])
-    base = statistics.mean(by_method["none"]) if "none" in by_method else None
+        by_method.setdefault(row["method"], []).append(row)
+    base = statistics.mean(r["mAP"] for r in by_method["none"]) if "none" in by_method else None
     gap = (teacher["mAP"] - base) if teacher and base is not None else None
     table = []
-    for method, values in by_method.items():
+    for method, runs in by_method.items():
+        values = [r["mAP"] for r in runs]
         mean = statistics.mean(values)
         entry = {
             "method": method,
+            "weights": runs[0]["weights"],
             "runs": len(values),
             "mAP_mean": mean,
             "mAP_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "AP50_mean": statistics.mean(r["AP50"] for r in runs),
         }
         if base is not None:
             entry["gain"] = mean - base
             entry["gap_closed"] = (mean - base) / gap if gap else None
         table.append(entry)
     return table
+
+
+def markdown(table: list[dict], teacher: dict | None) -> str:
+    """The summary as the README shows it (mAP in %, std over seeds)."""
+    lines = [
+        "| row | weights | mAP (mean ± std) | AP50 | gain | gap closed | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if teacher:
+        lines.append(
+            f"| teacher | | {100 * teacher['mAP']:.1f} | {100 * teacher['AP50']:.1f} | | | 1 |"
+        )
+    for t in table:
+        weights = ", ".join(f"{k} {v:g}" for k, v in t["weights"].items())
+        gain = f"{100 * t['gain']:+.1f}" if t["method"] != "none" and "gain" in t else ""
+        closed = (
+            f"{100 * t['gap_closed']:.0f}%"
+            if t["method"] != "none" and t.get("gap_closed") is not None
+            else ""
+        )
+        lines.append(
+            f"| {'baseline (none)' if t['method'] == 'none' else t['method']} | {weights} "
+            f"| {100 * t['mAP_mean']:.1f} ± {100 * t['mAP_std']:.1f} | {100 * t['AP50_mean']:.1f} "
+            f"| {gain} | {closed} | {t['runs']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def plot(table: list[dict], teacher: dict | None, path: Path) -> None:
@@ -233,7 +262,9 @@ def main() -> None:
     command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     emit({"benchmark": "method_table", **environment(), "command": command, "preset": args.preset,
           "teacher": teacher, "summary": table, "runs": rows}, str(out))  # fmt: skip
-    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+    out.with_suffix(".md").write_text(markdown(table, teacher))
+    print(markdown(table, teacher))
+    print(f"wrote {out} and its .png and .md", file=sys.stderr)
 
 
 if __name__ == "__main__":
