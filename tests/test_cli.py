@@ -197,3 +197,21 @@ def test_eval_on_a_voc_directory_with_broken_files(tiny_checkpoint, tmp_path, ca
     assert "broken.jpg" in problems["examples"]["unreadable_image"][0]
     assert f"{ids[0]}.xml" in problems["examples"]["box_nonpositive_size"][0]
     assert "error" not in capsys.readouterr().err
+
+
+def test_quick_demo_prints_its_table_and_reuses_the_teacher(tmp_path, capsys, one_thread):
+    assert main(["demo", "--quick", "--no-progress", "--workdir", str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+    assert "training the teacher" in first and "RM+PFI gain:" in first
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["rows"]) == ["teacher", "student", "student + RM + PFI"]
+    assert set(results["phase_minutes"]) == {"teacher", "student", "student + RM + PFI"}
+    assert results["gain_mAP"] == pytest.approx(
+        results["rows"]["student + RM + PFI"]["mAP"] - results["rows"]["student"]["mAP"]
+    )
+    teacher_weights = (tmp_path / "teacher" / "model.pt").stat().st_mtime_ns
+
+    assert main(["demo", "--quick", "--no-progress", "--workdir", str(tmp_path)]) == 0
+    assert "reusing the teacher" in capsys.readouterr().out
+    assert (tmp_path / "teacher" / "model.pt").stat().st_mtime_ns == teacher_weights
+    assert "teacher" not in json.loads((tmp_path / "results.json").read_text())["phase_minutes"]

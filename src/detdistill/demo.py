@@ -54,18 +54,26 @@ def run_demo(
 ) -> dict[str, dict[str, float]]:
     """Train teacher (or reuse it), baseline and distilled student; print and save the table."""
     start = time.perf_counter()
+    phase_minutes: dict[str, float] = {}
+
+    def train(phase: str, cfg: Config) -> dict[str, float]:
+        began = time.perf_counter()
+        metrics = run(cfg, show_progress=show_progress).metrics
+        phase_minutes[phase] = (time.perf_counter() - began) / 60
+        print(f"      {phase} done in {phase_minutes[phase]:.1f} min")
+        return metrics
+
     teacher_cfg = _config("digits_teacher", workdir, "teacher", quick, [])
     teacher_metrics = _reusable(teacher_cfg)
     if teacher_metrics is None:
         print(f"[1/3] training the teacher -> {teacher_cfg.output_dir}")
-        teacher_metrics = run(teacher_cfg, show_progress=show_progress).metrics
+        teacher_metrics = train("teacher", teacher_cfg)
     else:
         print(f"[1/3] reusing the teacher in {teacher_cfg.output_dir}")
     teacher_ckpt = Path(teacher_cfg.output_dir) / WEIGHTS_FILE
 
     print("[2/3] training the student baseline (no distillation)")
-    baseline_cfg = _config("digits_student", workdir, "student_baseline", quick, [])
-    baseline = run(baseline_cfg, show_progress=show_progress).metrics
+    baseline = train("student", _config("digits_student", workdir, "student_baseline", quick, []))
 
     print("[3/3] training the student with Rank Mimicking + Prediction-guided Feature Imitation")
     distill_cfg = _config(
@@ -75,7 +83,7 @@ def run_demo(
         quick,
         [f"distill.teacher_checkpoint={teacher_ckpt}"],
     )
-    distilled = run(distill_cfg, show_progress=show_progress).metrics
+    distilled = train("student + RM + PFI", distill_cfg)
 
     rows = {"teacher": teacher_metrics, "student": baseline, "student + RM + PFI": distilled}
     table = metrics_table(rows, baseline="student")
@@ -92,7 +100,14 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(
         json.dumps(
-            {"rows": rows, "gain_mAP": gain, "gap_mAP": gap, "minutes": minutes, "quick": quick},
+            {
+                "rows": rows,
+                "gain_mAP": gain,
+                "gap_mAP": gap,
+                "minutes": minutes,
+                "phase_minutes": phase_minutes,
+                "quick": quick,
+            },
             indent=2,
         )
         + "\n"
