@@ -90,6 +90,8 @@ def run_one(job: dict) -> dict:
         start = time.perf_counter()
         result = run(cfg, resume=(run_dir / "last_state.pt").exists(), show_progress=False)
         wall = time.perf_counter() - start
+        if result.status != "completed":  # Ctrl-C or max_steps: no row, keep what is saved
+            raise RuntimeError(f"{job['name']} stopped ({result.status}); run again to resume it")
         metrics = result.metrics
         (run_dir / "wall_time.json").write_text(json.dumps({"seconds": wall}) + "\n")
     return {

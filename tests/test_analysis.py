@@ -215,7 +215,7 @@ def _instances_with_candidates(student_ckpt: Path, num_images: int) -> tuple[int
     loaded = load_detector(student_ckpt)
     model = loaded.model.eval()
     cfg = config_from_dict(loaded.payload["config"])
-    dataset = build_datasets(cfg.data, seed=cfg.seed, train=False).val
+    dataset = build_datasets(cfg.data, train=False).val
     total = with_candidates = 0
     with torch.no_grad():
         for k in range(num_images):

@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 import detdistill.data.embedded as embedded
+from conftest import TINY_OVERRIDES
 from detdistill.data import CocoDetection, make_embedded
+from detdistill.engine.builders import build_datasets
+from detdistill.engine.config import load_config
+from detdistill.engine.presets import preset_path
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +139,18 @@ def test_val_independent_of_train_size(tmp_path):
     a = make_embedded("digits", tmp_path / "a", 3, 4, seed=7)
     b = make_embedded("digits", tmp_path / "b", 6, 4, seed=7)
     assert a["val_annotations"].read_bytes() == b["val_annotations"].read_bytes()
+
+
+def test_run_seed_does_not_change_the_data_but_data_seed_does(tmp_path):
+    def data_of(*extra: str) -> tuple[str, int]:
+        cfg = load_config(
+            preset_path("digits_teacher"), [*TINY_OVERRIDES, f"data.root={tmp_path}", *extra]
+        )
+        build_datasets(cfg.data)
+        train_json = tmp_path / "shapes" / "train.json"
+        return train_json.read_text(), train_json.stat().st_mtime_ns
+
+    text, stamp = data_of("seed=1")
+    assert data_of("seed=2") == (text, stamp)  # same images, not even rewritten
+    other, _ = data_of("seed=2", "data.seed=1")
+    assert other != text

@@ -60,7 +60,7 @@ def _dataset(
         if images is not None:
             raise ConfigError("--images needs --data (a COCO annotation file)")
         cfg = config_from_dict(student.payload["config"])
-        dataset = build_datasets(cfg.data, seed=cfg.seed, train=False).val
+        dataset = build_datasets(cfg.data, train=False).val
         return dataset, "the student's validation set (from its saved config)"
     transforms = build_transforms(False, student.image_size)
     if data_format == "voc":

@@ -66,7 +66,7 @@ class DataSplits:
     class_names: list[str]
 
 
-def build_datasets(data_cfg: DataConfig, seed: int = 0, train: bool = True) -> DataSplits:
+def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
     """Training and validation sets of a ``data`` section (embedded sets are generated once)."""
     train_tf = build_transforms(
         True, data_cfg.image_size, hflip=data_cfg.hflip, multiscale=data_cfg.multiscale
@@ -78,7 +78,7 @@ def build_datasets(data_cfg: DataConfig, seed: int = 0, train: bool = True) -> D
             Path(data_cfg.root) / data_cfg.name,
             num_train=data_cfg.num_train,
             num_val=data_cfg.num_val,
-            seed=seed,
+            seed=data_cfg.seed,
             image_size=data_cfg.image_size,
         )
         train_set = CocoDetection(paths["train_images"], paths["train_annotations"], train_tf)

@@ -95,6 +95,9 @@ class DataConfig:
     format: Literal["embedded", "coco", "voc"] = "embedded"
     name: str = "digits"
     root: str = ".cache/detdistill/data"
+    # Which embedded data set: its own seed, not the run's, so that runs with
+    # different seeds train and evaluate on the same images.
+    seed: int = 0
     train_images: str | None = None
     train_annotations: str | None = None
     val_images: str | None = None

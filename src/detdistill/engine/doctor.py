@@ -46,7 +46,7 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
     """Run every check that applies to ``cfg`` and collect the findings (never raises for them)."""
     report = DoctorReport()
     device = resolve_device(cfg.device)
-    data = build_datasets(cfg.data, seed=cfg.seed)
+    data = build_datasets(cfg.data)
     report.add(
         "OK",
         f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes",

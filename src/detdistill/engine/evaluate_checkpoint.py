@@ -41,7 +41,7 @@ def evaluate_checkpoint(
     transforms = build_transforms(False, loaded.image_size)
     if data is None:
         saved = config_from_dict(loaded.payload["config"])
-        dataset = build_datasets(saved.data, seed=saved.seed, train=False).val
+        dataset = build_datasets(saved.data, train=False).val
         name = "val"
     elif data_format == "voc":
         dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)

@@ -170,7 +170,7 @@ class Trainer:
         """Rank 0 first: embedded data is generated once, then every rank reads it."""
         if not self.dist.is_main:
             barrier()
-        data = build_datasets(self.cfg.data, seed=self.cfg.seed)
+        data = build_datasets(self.cfg.data)
         if self.dist.is_main:
             barrier()
         return data

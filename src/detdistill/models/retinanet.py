@@ -25,12 +25,7 @@ from .base import OneStageDetector
 from .output import DetectorOutput
 from .registry import register_detector
 
-__all__ = ["RetinaNet", "group_norm"]
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest divisor of ``channels`` below that."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+__all__ = ["RetinaNet"]
 
 
 @register_detector("retinanet")
