@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import torchrun_env
 from detdistill.engine.checkpoint import load_checkpoint
 from detdistill.engine.config import load_config
 from detdistill.engine.presets import preset_path
@@ -39,16 +40,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "GLOO_SOCKET_IFNAME": "lo",
-        }
-    )
+    os.environ.update(torchrun_env(rank, world_size, port))
     torch.set_num_threads(1)
     from detdistill.engine.distributed import cleanup
     from detdistill.engine.trainer import Trainer

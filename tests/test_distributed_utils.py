@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import torchrun_env
 from detdistill.engine import distributed as ddist
 from detdistill.engine.metrics_log import METRICS_FILE, MetricsLogger, read_metrics
 
@@ -79,17 +80,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    # What torchrun would set for each process.
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "GLOO_SOCKET_IFNAME": "lo",
-        }
-    )
+    os.environ.update(torchrun_env(rank, world_size, port))
     torch.set_num_threads(1)
     info = ddist.init_distributed(device="cpu", timeout_s=60)
     try:
