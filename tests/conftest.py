@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 TINY_SIZE = 64
+TINY_TRAIN, TINY_VAL = 16, 8
 
 # A RetinaNet of a few thousand parameters on 16 `shapes` images at 64 px: trains
 # in seconds, enough to exercise checkpoints, evaluation, prediction and export.
 TINY_OVERRIDES = [
     "data.name=shapes",
-    "data.num_train=16",
-    "data.num_val=8",
+    f"data.num_train={TINY_TRAIN}",
+    f"data.num_val={TINY_VAL}",
     f"data.image_size={TINY_SIZE}",
     "data.batch_size=4",
     "data.num_workers=0",
@@ -33,6 +34,13 @@ def train_tiny(root: Path, name: str, *extra: str) -> Path:
     overrides = [*TINY_OVERRIDES, f"data.root={root}", f"output_dir={root / name}", *extra]
     run(load_config(preset_path("digits_teacher"), overrides), show_progress=False)
     return root / name / "model.pt"
+
+
+def tiny_data_dir(root: Path, num_train: int = TINY_TRAIN, seed: int = 0) -> Path:
+    """The `shapes` folder that the tiny settings generate under the data root ``root``."""
+    from detdistill.data import embedded_dir
+
+    return embedded_dir(root, "shapes", num_train, TINY_VAL, seed=seed, image_size=TINY_SIZE)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import train_tiny
+from conftest import tiny_data_dir, train_tiny
 from detdistill.analysis import (
     ChannelMapFitter,
     feature_maps,
@@ -303,7 +303,7 @@ def test_bad_inputs_raise_one_line_errors(tiny_models, tmp_path):
         run_analysis(teacher, tmp_path / "missing.pt", out=tmp_path)
     with pytest.raises(FileNotFoundError, match="annotation file"):
         run_analysis(teacher, student, data=tmp_path / "nothing.json", out=tmp_path)
-    shapes = teacher.parent.parent / "shapes"
+    shapes = tiny_data_dir(teacher.parent.parent)
     coco = json.loads((shapes / "val.json").read_text())
     coco["categories"][0]["name"] = "blob"
     renamed = tmp_path / "renamed.json"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_data_dir
 from detdistill.cli import build_parser, main
 
 COMMANDS = ["demo", "train", "distill", "eval", "compare", "doctor", "data", "presets"]
@@ -83,7 +84,7 @@ def test_train_eval_compare_and_data_make(tmp_path, capsys):
     assert set(written["metrics"]) == {"mAP", "AP50", "AP75", "APs", "APm", "APl"}
     assert len(written["per_class"]) == 6
 
-    shapes = tmp_path / "data" / "shapes"
+    shapes = tiny_data_dir(tmp_path / "data")
     assert main(["eval", str(tmp_path / "a" / "model.pt"), "--data", str(shapes / "val.json"),
                  "--images", str(shapes / "val")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "a" / "metrics_val.json").read_text())["images"] == 8
@@ -144,7 +145,7 @@ def test_data_make_output_is_listed(tmp_path, capsys):
 
 def test_eval_on_a_voc_directory_with_broken_files(tiny_checkpoint, tmp_path, capsys):
     """A VOC copy of the validation scenes, plus a truncated image and a degenerate box."""
-    shapes = tiny_checkpoint.parent.parent / "shapes"
+    shapes = tiny_data_dir(tiny_checkpoint.parent.parent)
     coco = json.loads((shapes / "val.json").read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}
     root = tmp_path / "voc"

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import detdistill.data.embedded as embedded
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, tiny_data_dir
 from detdistill.data import CocoDetection, make_embedded
 from detdistill.engine.builders import build_datasets
 from detdistill.engine.config import load_config
@@ -141,16 +141,30 @@ def test_val_independent_of_train_size(tmp_path):
     assert a["val_annotations"].read_bytes() == b["val_annotations"].read_bytes()
 
 
-def test_run_seed_does_not_change_the_data_but_data_seed_does(tmp_path):
-    def data_of(*extra: str) -> tuple[str, int]:
-        cfg = load_config(
-            preset_path("digits_teacher"), [*TINY_OVERRIDES, f"data.root={tmp_path}", *extra]
-        )
-        build_datasets(cfg.data)
-        train_json = tmp_path / "shapes" / "train.json"
-        return train_json.read_text(), train_json.stat().st_mtime_ns
+def _build_tiny_data(root: Path, *extra: str) -> None:
+    cfg = load_config(preset_path("digits_teacher"), [*TINY_OVERRIDES, f"data.root={root}", *extra])
+    build_datasets(cfg.data)
 
-    text, stamp = data_of("seed=1")
-    assert data_of("seed=2") == (text, stamp)  # same images, not even rewritten
-    other, _ = data_of("seed=2", "data.seed=1")
-    assert other != text
+
+def _stamp(train_json: Path) -> tuple[str, int]:
+    return train_json.read_text(), train_json.stat().st_mtime_ns
+
+
+def test_run_seed_does_not_change_the_data_but_data_seed_does(tmp_path):
+    _build_tiny_data(tmp_path, "seed=1")
+    first = _stamp(tiny_data_dir(tmp_path) / "train.json")
+    _build_tiny_data(tmp_path, "seed=2")
+    assert _stamp(tiny_data_dir(tmp_path) / "train.json") == first  # same images, not rewritten
+    _build_tiny_data(tmp_path, "seed=2", "data.seed=1")
+    assert (tiny_data_dir(tmp_path, seed=1) / "train.json").read_text() != first[0]
+
+
+def test_runs_with_different_data_settings_share_a_root_without_rewriting_each_other(tmp_path):
+    _build_tiny_data(tmp_path)
+    small = _stamp(tiny_data_dir(tmp_path) / "train.json")
+    _build_tiny_data(tmp_path, "data.num_train=20")
+    _build_tiny_data(tmp_path, "data.seed=3")
+    assert _stamp(tiny_data_dir(tmp_path) / "train.json") == small
+    larger = json.loads((tiny_data_dir(tmp_path, num_train=20) / "train.json").read_text())
+    assert len(larger["images"]) == 20
+    assert len(list(tmp_path.iterdir())) == 3

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import detdistill
+from conftest import tiny_data_dir
 from detdistill.cli import main as cli_main
 from detdistill.predict import NoImagesError, PredictOptionError, Predictor, load, run_predict
 
@@ -26,7 +27,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint) -> dict[str, Path]:
     tmp = tiny_checkpoint.parent.parent
-    images = sorted((tmp / "shapes" / "val").glob("*.jpg"))
+    images = sorted((tiny_data_dir(tmp) / "val").glob("*.jpg"))
     assert len(images) >= 4
     return {"checkpoint": tiny_checkpoint, "images": images, "tmp": tmp}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_data_dir
 from detdistill.engine.builders import build_model, load_detector
 from detdistill.engine.checkpoint import load_checkpoint, make_weights_payload, save_checkpoint
 from detdistill.engine.config import config_to_dict, load_config
@@ -67,7 +68,8 @@ def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, d
     assert [r["step"] for r in records if "loss/total" in r] == list(range(1, 13))
     assert [r["epoch"] for r in records if "val/mAP" in r] == [1, 2]
     payload = load_checkpoint(run_dir / "model.pt")
-    categories = json.loads((data_root / "shapes" / "train.json").read_text())["categories"]
+    train_json = tiny_data_dir(data_root, num_train=24) / "train.json"
+    categories = json.loads(train_json.read_text())["categories"]
     assert payload["class_names"] == [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
     plain = build_detector(
         "retinanet",

@@ -8,7 +8,7 @@ image), contiguous ``labels``, ``image_id``, ``orig_size`` and ``size``.
 from detdistill.data.base import DetectionDataset, ImageRecord
 from detdistill.data.classes import VOC_CLASSES, check_class_names, resolve_class_names
 from detdistill.data.coco import CocoDetection
-from detdistill.data.embedded import EMBEDDED_DATASETS, make_embedded
+from detdistill.data.embedded import EMBEDDED_DATASETS, embedded_dir, make_embedded
 from detdistill.data.errors import (
     AnnotationFormatError,
     ClassMismatchError,
@@ -37,6 +37,7 @@ __all__ = [
     "build_transforms",
     "check_class_names",
     "collate_fn",
+    "embedded_dir",
     "make_embedded",
     "parse_voc_xml",
     "resolve_class_names",

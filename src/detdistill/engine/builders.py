@@ -20,6 +20,7 @@ from detdistill.data import (
     VOCDetection,
     build_transforms,
     collate_fn,
+    embedded_dir,
     make_embedded,
 )
 from detdistill.engine.checkpoint import load_checkpoint, load_state_dict_strict
@@ -73,14 +74,14 @@ def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
     )
     val_tf = build_transforms(False, data_cfg.image_size)
     if data_cfg.format == "embedded":
-        paths = make_embedded(
-            data_cfg.name,
-            Path(data_cfg.root) / data_cfg.name,
-            num_train=data_cfg.num_train,
-            num_val=data_cfg.num_val,
-            seed=data_cfg.seed,
-            image_size=data_cfg.image_size,
-        )
+        settings = {
+            "num_train": data_cfg.num_train,
+            "num_val": data_cfg.num_val,
+            "seed": data_cfg.seed,
+            "image_size": data_cfg.image_size,
+        }
+        folder = embedded_dir(data_cfg.root, data_cfg.name, **settings)
+        paths = make_embedded(data_cfg.name, folder, **settings)
         train_set = CocoDetection(paths["train_images"], paths["train_annotations"], train_tf)
         val_set = CocoDetection(
             paths["val_images"], paths["val_annotations"], val_tf, class_names=train_set.class_names

@@ -123,6 +123,18 @@ def _paths(out: Path) -> dict[str, Path]:
     }
 
 
+def embedded_dir(
+    root: str | Path, name: str, num_train: int, num_val: int, seed: int = 0, image_size: int = 128
+) -> Path:
+    """Where a run whose data root is ``root`` keeps this embedded data set.
+
+    The folder is named by every setting that changes its files, so two runs
+    that share a root but differ in sizes or seed each get their own folder
+    instead of regenerating one under each other's data loaders.
+    """
+    return Path(root) / f"{name}-{num_train}x{num_val}-seed{seed}-{image_size}px"
+
+
 def _cache_ok(out: Path, wanted: dict[str, Any], ext: str) -> bool:
     manifest = read_manifest(out)
     if manifest is None or any(manifest.get(k) != v for k, v in wanted.items()):
