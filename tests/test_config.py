@@ -328,6 +328,27 @@ def test_bad_override_syntax(text: str) -> None:
     assert message.startswith(f"bad override {text!r}: expected KEY=VALUE")
 
 
+def test_a_mapping_typed_without_spaces_gets_a_hint() -> None:
+    message = error_of(apply_overrides, Config(), ["model.backbone_kwargs={width:4,depth:1}"])
+    assert "needs a space after ':'" in message and "{width: 4} instead of {width:4}" in message
+    spaced = apply_overrides(Config(), ["model.backbone_kwargs={width: 4, depth: 1}"])
+    assert spaced.model.backbone_kwargs == {"width": 4, "depth": 1}
+
+
+def test_unknown_model_arguments_name_the_config_key_they_came_from() -> None:
+    from detdistill.engine.builders import build_model
+
+    def build_error(override: str) -> str:
+        cfg = apply_overrides(Config(), ["model.backbone=tiny", override])
+        return error_of(build_model, cfg.model, 64)
+
+    assert build_error("model.backbone_kwargs={widht: 4}").startswith(
+        "model.backbone_kwargs: backbone 'tiny': "
+    )
+    assert "'widht'" in build_error("model.backbone_kwargs={widht: 4}")
+    assert build_error("model.kwargs={num_conv: 2}").startswith("model.kwargs: ")
+
+
 def test_override_through_a_scalar_is_an_error() -> None:
     message = error_of(apply_overrides, Config(), ["train.lr.x=1"])
     assert "'train.lr' is float 0.01, not a section" in message

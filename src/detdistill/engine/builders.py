@@ -28,6 +28,7 @@ from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, confi
 from detdistill.engine.distributed import get_rank, get_world_size
 from detdistill.engine.sampling import ResumableBatchSampler
 from detdistill.models import build_detector
+from detdistill.models.backbones import BackboneArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def build_model(model_cfg: ModelConfig, image_size: int, pretrained: bool = True
         kwargs.setdefault("norm_layer", "frozen_bn")
     try:
         return build_detector(model_cfg.name, **kwargs)
+    except BackboneArgumentError as exc:
+        raise ConfigError(f"model.backbone_kwargs: {exc}") from exc
     except TypeError as exc:
         raise ConfigError(f"model.kwargs: {exc}") from exc
 

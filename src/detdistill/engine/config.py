@@ -475,7 +475,21 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(
             f"bad override {text!r}: invalid YAML value: {_yaml_error(exc)}", key
         ) from None
+    glued = _glued_mapping_keys(value)
+    if glued:
+        raise ConfigError(
+            f"bad override {text!r}: YAML needs a space after ':' in a mapping, "
+            f"e.g. {{{glued[0].replace(':', ': ', 1)}}} instead of {{{glued[0]}}}",
+            key,
+        )
     return key, value
+
+
+def _glued_mapping_keys(value: Any) -> list[str]:
+    """Keys like ``"width:4"`` with no value: ``{width:4}`` typed for ``{width: 4}``."""
+    if not isinstance(value, dict):
+        return []
+    return [k for k, v in value.items() if isinstance(k, str) and ":" in k and v is None]
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:

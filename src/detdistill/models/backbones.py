@@ -38,6 +38,7 @@ from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 from detdistill.engine.checkpoint import load_state_dict_strict
 
 __all__ = [
+    "BackboneArgumentError",
     "BackboneFPN",
     "TinyBackbone",
     "build_backbone",
@@ -54,6 +55,10 @@ _TORCHVISION_BODIES = (
     "mobilenet_v3_large",
 )
 _PROBE_SIZE = 64
+
+
+class BackboneArgumentError(TypeError):
+    """An argument the backbone body does not take (``backbone_kwargs`` in a config)."""
 
 
 class TinyBackbone(nn.Sequential):
@@ -201,7 +206,10 @@ def _torchvision_body(
     name: str, weights: Any, norm_layer: Callable[..., nn.Module], **kwargs: Any
 ) -> nn.Sequential:
     enum, path = _resolve_weights(weights)
-    model = torchvision.models.get_model(name, weights=enum, norm_layer=norm_layer, **kwargs)
+    try:
+        model = torchvision.models.get_model(name, weights=enum, norm_layer=norm_layer, **kwargs)
+    except TypeError as exc:
+        raise BackboneArgumentError(f"backbone {name!r}: {exc}") from exc
     if path is not None:
         load_weights_file(model, path, f"torchvision.models.{name}()")
     if name.startswith("resnet"):
@@ -281,7 +289,10 @@ def build_backbone(
     norm = norms[norm_layer]
     body: nn.Module
     if name == "tiny":
-        body = TinyBackbone(norm_layer=norm, **body_kwargs)
+        try:
+            body = TinyBackbone(norm_layer=norm, **body_kwargs)
+        except TypeError as exc:
+            raise BackboneArgumentError(f"backbone {name!r}: {exc}") from exc
         enum, path = _resolve_weights(weights)
         if enum is not None:
             raise ValueError(
