@@ -17,23 +17,23 @@ import torch
 
 from _common import best_time, emit, environment
 from detdistill.distill import Distiller
+from detdistill.engine.presets import load_preset_or_file
 from detdistill.models import build_detector
+
+
+def preset_model(preset: str) -> dict:
+    """A bundled preset's detector arguments: the demo pair is always the demo's models."""
+    model = load_preset_or_file(preset, []).model
+    return {"backbone": model.backbone, "backbone_kwargs": model.backbone_kwargs, **model.kwargs}
+
 
 PAIRS = {
     "demo_tiny_128": {
         "size": 128,
         "batch": 16,
-        "teacher": {
-            "backbone": "tiny",
-            "backbone_kwargs": {"width": 24, "depth": 2},
-            "head_norm": "gn",
-        },
-        "student": {
-            "backbone": "tiny",
-            "backbone_kwargs": {"width": 8, "depth": 2},
-            "head_norm": "gn",
-        },
-        "levels": (3, 4, 5),
+        "teacher": preset_model("digits_teacher"),
+        "student": preset_model("digits_student"),
+        "levels": tuple(load_preset_or_file("digits_student", []).model.levels),
     },
     "r50_r18_320": {
         "size": 320,
