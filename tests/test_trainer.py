@@ -80,6 +80,7 @@ def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, d
         min_size=64,
         max_size=64,
         head_norm="gn",
+        num_convs=2,  # the digits_teacher head these tiny runs inherit
     )
     plain.load_state_dict(payload["model"], strict=True)
     loaded = load_detector(run_dir / "model.pt")

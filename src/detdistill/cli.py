@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the embedded end-to-end run: teacher, baseline student, RM+PFI student, and their table",
         description="Makes the `digits` data (cached), trains a teacher (reused when cached), a baseline "
         "student and an RM+PFI distilled student, and prints their COCO metrics with the gain. "
-        "About 20 minutes on 2 CPU cores the first time (12 for the teacher, which is then "
-        "reused), 8 after that; --quick is a smoke run of about a minute.",
+        "About 16 minutes on 2 CPU cores the first time (8.5 for the data and the teacher, "
+        "which is then reused), 7.5 after that; --quick is a smoke run of about a minute.",
     )
     p.add_argument(
         "--quick", action="store_true", help="tiny data and few steps: checks everything runs"
