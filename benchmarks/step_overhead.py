@@ -21,20 +21,30 @@ from detdistill.engine.presets import load_preset_or_file
 from detdistill.models import build_detector
 
 
-def preset_model(preset: str) -> dict:
-    """A bundled preset's detector arguments: the demo pair is always the demo's models."""
-    model = load_preset_or_file(preset, []).model
-    return {"backbone": model.backbone, "backbone_kwargs": model.backbone_kwargs, **model.kwargs}
+def demo_pair() -> dict:
+    """The demo's teacher and student as their presets build them, so the two cannot drift."""
+    teacher, student = (
+        load_preset_or_file(p, []).model for p in ("digits_teacher", "digits_student")
+    )
+
+    def arguments(model) -> dict:
+        return {
+            "backbone": model.backbone,
+            "backbone_kwargs": model.backbone_kwargs,
+            **model.kwargs,
+        }
+
+    return {
+        "size": 128,
+        "batch": 16,
+        "teacher": arguments(teacher),
+        "student": arguments(student),
+        "levels": tuple(student.levels),
+    }
 
 
 PAIRS = {
-    "demo_tiny_128": {
-        "size": 128,
-        "batch": 16,
-        "teacher": preset_model("digits_teacher"),
-        "student": preset_model("digits_student"),
-        "levels": tuple(load_preset_or_file("digits_student", []).model.levels),
-    },
+    "demo_tiny_128": demo_pair(),
     "r50_r18_320": {
         "size": 320,
         "batch": 2,
