@@ -369,3 +369,120 @@ def test_golden_values_guard_against_silent_changes():
     assert set(values) == set(expected)
     for name, value in expected.items():
         assert values[name] == pytest.approx(value, rel=1e-5), name
+
+
+# ---------------------------------------------------------------- scale-free forms
+
+
+def standardize_reference(f):
+    """Channel by channel, with Python's statistics over every (n, h, w) value."""
+    out = torch.empty_like(f)
+    for c in range(f.shape[1]):
+        values = f[:, c].flatten().tolist()
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / len(values)
+        out[:, c] = (f[:, c] - mean) / math.sqrt(var + 1e-6)
+    return out
+
+
+def scale_free_pfi_reference(fs, ft, zs, zt):
+    """P over its level mean times the standardised feature difference, location by location."""
+    levels = []
+    for f_s, f_t, z_s, z_t in zip(fs, ft, zs, zt, strict=True):
+        f_s, f_t = standardize_reference(f_s), standardize_reference(f_t)
+        n, _, h, w = f_s.shape
+        p = torch.zeros(n, h, w, dtype=f_s.dtype)
+        for i in range(n):
+            for y in range(h):
+                for x in range(w):
+                    p[i, y, x] = (
+                        (z_t[i, :, y, x].sigmoid() - z_s[i, :, y, x].sigmoid()) ** 2
+                    ).mean()
+        p = p / p.mean()
+        acc = 0.0
+        for i in range(n):
+            for y in range(h):
+                for x in range(w):
+                    acc = (
+                        acc
+                        + p[i, y, x].detach() * ((f_s[i, :, y, x] - f_t[i, :, y, x]) ** 2).mean()
+                    )
+        levels.append(acc / (n * h * w))
+    return sum(levels) / len(levels)
+
+
+@pytest.mark.parametrize("num_levels", [1, 3])
+def test_scale_free_pfi_matches_loop_reference(num_levels):
+    g = torch.Generator().manual_seed(10 + num_levels)
+    fs, ft, zs, zt = random_levels(num_levels, generator=g, dtype=torch.float64)
+    loss = pfi_loss(fs, ft, zs, zt, weight_norm="mean", feature_norm="channel")
+    ref = scale_free_pfi_reference(fs, ft, zs, zt)
+    assert loss.item() == pytest.approx(float(ref), rel=1e-9)
+
+
+def test_scale_free_pfi_does_not_depend_on_the_scale_of_features_or_predictions():
+    g = torch.Generator().manual_seed(12)
+    fs, ft, zs, zt = random_levels(2, generator=g, dtype=torch.float64)
+    base = pfi_loss(fs, ft, zs, zt, weight_norm="mean", feature_norm="channel")
+    # Teacher activations 1000x larger and shifted, the student's 10x smaller: the paper's
+    # form changes by orders of magnitude, the scale-free one only through eps.
+    student, teacher = [0.1 * f for f in fs], [1000 * f + 3 for f in ft]
+    scaled = pfi_loss(student, teacher, zs, zt, weight_norm="mean", feature_norm="channel")
+    assert scaled.item() == pytest.approx(base.item(), rel=1e-3)
+    assert pfi_loss(student, teacher, zs, zt).item() > 1e4 * pfi_loss(fs, ft, zs, zt).item()
+    # On one level, the relative weight is exactly P over its mean.
+    mean_p = ((zt[0].sigmoid() - zs[0].sigmoid()) ** 2).mean()
+    relative = pfi_loss(fs[:1], ft[:1], zs[:1], zt[:1], weight_norm="mean")
+    assert relative.item() == pytest.approx(
+        (pfi_loss(fs[:1], ft[:1], zs[:1], zt[:1]) / mean_p).item(), rel=1e-9
+    )
+
+
+def test_scale_free_pfi_gradcheck_and_zero_cases():
+    g = torch.Generator().manual_seed(13)
+    fs, ft, zs, zt = random_levels(2, generator=g, dtype=torch.float64)
+    assert pfi_loss(ft, ft, zs, zt, weight_norm="mean", feature_norm="channel").item() == 0.0
+    assert pfi_loss(fs, ft, zt, zt, weight_norm="mean", feature_norm="channel").item() == 0.0
+    fs = [f.requires_grad_() for f in fs]
+    assert torch.autograd.gradcheck(
+        lambda *f: pfi_loss(list(f), ft, zs, zt, weight_norm="mean", feature_norm="channel"),
+        tuple(fs),
+    )
+    with pytest.raises(ValueError, match="weight_norm must be"):
+        pfi_loss(fs, ft, zs, zt, weight_norm="max")
+    with pytest.raises(ValueError, match="feature_norm must be"):
+        pfi_loss(fs, ft, zs, zt, feature_norm="layer")
+
+
+def test_standardised_feature_losses_match_loops_and_gradcheck():
+    g = torch.Generator().manual_seed(14)
+    fs, ft, _, zt = random_levels(2, generator=g, dtype=torch.float64)
+    ss, st = [standardize_reference(f) for f in fs], [standardize_reference(f) for f in ft]
+    fitnet_ref = sum(((a - b) ** 2).mean() for a, b in zip(ss, st, strict=True)) / 2
+    fitnet = feature_imitation_loss(fs, ft, feature_norm="channel")
+    assert fitnet.item() == pytest.approx(fitnet_ref.item(), rel=1e-9)
+    # averaged over a level, mean_c (x_hat - y_hat)^2 is 2 (1 - Pearson correlation) per channel
+    a, b = fs[0], ft[0]
+    pearson = torch.stack(
+        [
+            torch.corrcoef(torch.stack([a[:, c].flatten(), b[:, c].flatten()]))[0, 1]
+            for c in range(a.shape[1])
+        ]
+    )
+    level0 = feature_imitation_loss([a], [b], feature_norm="channel")
+    assert level0.item() == pytest.approx(float(2 * (1 - pearson).mean()), rel=1e-4)
+    masks = [torch.rand(f.shape[0], *f.shape[2:], generator=g) > 0.5 for f in fs]
+    assert decoupled_feature_loss(fs, ft, masks, feature_norm="channel").item() == pytest.approx(
+        (
+            feature_imitation_loss(ss, st, masks)
+            + feature_imitation_loss(ss, st, [~m for m in masks])
+        ).item(),
+        rel=1e-9,
+    )
+    assert score_weighted_imitation(fs, ft, zt, feature_norm="channel").item() == pytest.approx(
+        score_weighted_imitation(ss, st, zt).item(), rel=1e-9
+    )
+    fs = [f.requires_grad_() for f in fs]
+    assert torch.autograd.gradcheck(
+        lambda *f: feature_imitation_loss(list(f), ft, feature_norm="channel"), tuple(fs)
+    )

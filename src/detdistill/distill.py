@@ -7,13 +7,22 @@ and a term that is silently zero or missing cannot hide.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from detdistill.auto_weights import (
+    DEFAULT_RATIO,
+    Batch,
+    TermBalance,
+    choose_weights,
+    measure_gradients,
+    parse_weight,
+    preserved_state,
+)
 from detdistill.losses import DistillBatch, build_method
 from detdistill.models.output import DetectorOutput
 
@@ -110,7 +119,9 @@ class Distiller(nn.Module):
         teacher: a detector of the same head type, frozen here (eval mode,
             ``requires_grad=False``, BatchNorm statistics untouched: it stays in
             eval mode through every ``train()`` call).
-        methods: method name -> loss weight, e.g. ``{"rm": 4.0, "pfi": 1.5}``.
+        methods: method name -> loss weight, e.g. ``{"rm": 4.0, "pfi": 1.5}``, or
+            ``"auto"`` for a weight measured on the first batches by
+            :meth:`balance` (see :mod:`detdistill.auto_weights`).
         method_options: method name -> keyword options of that method.
         teacher_half: run the teacher in float16 (CUDA only): it is never
             trained, so half precision only costs a little accuracy of targets.
@@ -120,7 +131,7 @@ class Distiller(nn.Module):
         self,
         student: nn.Module,
         teacher: nn.Module,
-        methods: Mapping[str, float],
+        methods: Mapping[str, float | str],
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
         teacher_half: bool = False,
     ):
@@ -141,7 +152,11 @@ class Distiller(nn.Module):
         self.methods = nn.ModuleDict(
             {name: build_method(name, **method_options.get(name, {})) for name in methods}
         )
-        self.weights = {name: float(weight) for name, weight in methods.items()}
+        # None marks an "auto" weight that balance() has not chosen yet.
+        self.weights: dict[str, float | None] = {
+            name: parse_weight(name, weight) for name, weight in methods.items()
+        }
+        self.auto_methods = [name for name, weight in self.weights.items() if weight is None]
         self.teacher_half = teacher_half
         self._runner: nn.Module = self.branch
 
@@ -178,15 +193,78 @@ class Distiller(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.branch.parameters() if p.requires_grad]
 
+    @property
+    def needs_balance(self) -> bool:
+        """True while an ``auto`` weight has not been chosen (call :meth:`balance`)."""
+        return any(weight is None for weight in self.weights.values())
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Set chosen weights (e.g. the ones a resumed run saved); names must be selected methods."""
+        unknown = sorted(set(weights) - set(self.weights))
+        if unknown:
+            raise ValueError(f"weights given for method(s) not selected: {', '.join(unknown)}")
+        for name, weight in weights.items():
+            self.weights[name] = parse_weight(name, weight)
+
+    def balance(
+        self, batches: Iterable[Batch], ratio: float = DEFAULT_RATIO
+    ) -> dict[str, TermBalance]:
+        """Choose every ``auto`` weight from gradients on ``batches``; report every term.
+
+        ``w_m = ratio * ||grad L_det|| / ||grad L_m||`` on the student
+        parameters that term ``m`` reaches, averaged over the batches (the rule
+        and why: :mod:`detdistill.auto_weights`). Fixed weights are kept and
+        reported with the gradient ratio they amount to. Nothing is trained:
+        gradients come from ``torch.autograd.grad``, and the student's buffers
+        and the RNG state are restored.
+        """
+        names = list(self.methods)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+
+        def terms() -> Iterable[tuple[Tensor, dict[str, Tensor]]]:
+            for images, targets in batches:
+                # The plain branch, not a DDP wrapper: DDP's reducer expects a backward
+                # after each forward; the norms are averaged across ranks instead.
+                detection, distill = self._loss_terms(images, targets, self.branch)
+                yield sum(detection.values()), distill
+
+        with preserved_state(self.student):
+            measured = measure_gradients(params, terms(), names)
+        chosen = choose_weights(self.weights, measured, ratio)
+        for name in self.auto_methods:
+            self.weights[name] = chosen[name].weight
+        return chosen
+
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Named loss terms for one batch; distillation terms are already weighted."""
+        if self.needs_balance:
+            pending = ", ".join(n for n, w in self.weights.items() if w is None)
+            raise RuntimeError(
+                f"the 'auto' weight(s) of {pending} are not chosen yet: call "
+                "Distiller.balance(batches) before training (the trainer does it)"
+            )
+        detection, distill = self.loss_terms(images, targets)
+        losses = dict(detection)
+        for name, value in distill.items():
+            losses[name] = self.weights[name] * value
+        return losses
+
+    def loss_terms(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The detector's own loss terms and the *unweighted* distillation terms, by name."""
+        return self._loss_terms(images, targets, self._runner)
+
+    def _loss_terms(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]], runner: nn.Module
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         image_list, targets = self.student.transform(images, targets)
-        output, adapted = self._runner(
+        output, adapted = runner(
             image_list.tensors, image_list.image_sizes, targets, adapt=bool(self.methods)
         )
-        losses = dict(output.losses)
+        detection = dict(output.losses)
         if not self.methods:
-            return losses
+            return detection, {}
         teacher_output = self.teacher_outputs(image_list.tensors, image_list.image_sizes)
         batch = DistillBatch(
             student_feats=adapted,
@@ -202,12 +280,13 @@ class Distiller(nn.Module):
             student_quality=output.quality,
             teacher_quality=teacher_output.quality,
         )
+        distill = {}
         for name, method in self.methods.items():
-            if name in losses:
+            if name in detection:
                 raise ValueError(f"distillation method {name!r} clashes with a detection loss name")
             with record_function(f"distill/{name}"):  # named in profiler traces
-                losses[name] = self.weights[name] * method(batch)
-        return losses
+                distill[name] = method(batch)
+        return detection, distill
 
     @torch.no_grad()
     def teacher_outputs(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> DetectorOutput:

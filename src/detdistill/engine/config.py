@@ -77,7 +77,9 @@ _PROBABILITY = _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 _UNIT_RIGHT_CLOSED = _check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 _OPEN_UNIT = _check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
 _NON_EMPTY = _check(lambda v: len(v) > 0, "must not be empty")
-_WEIGHTS = _check(lambda v: all(w >= 0 for w in v.values()), "weights must be >= 0")
+_WEIGHTS = _check(
+    lambda v: all(w == "auto" or w >= 0 for w in v.values()), "weights must be >= 0 or 'auto'"
+)
 _DEVICE = _check(
     lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
     "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
@@ -153,15 +155,21 @@ class TrainConfig:
 class DistillConfig:
     """Teacher and distillation terms; ``methods`` maps method name to loss weight.
 
-    ``teacher_model`` may be left out: the teacher checkpoint stores its own
-    config, which is the safest description of the weights it holds.
+    A weight may be ``auto``: chosen before the first step so that the term's
+    gradient on the student parameters it reaches is ``auto_ratio`` times the
+    detection loss's, measured on the first ``auto_batches`` batches
+    (:mod:`detdistill.auto_weights`). ``teacher_model`` may be left out: the
+    teacher checkpoint stores its own config, which is the safest description
+    of the weights it holds.
     """
 
     teacher_checkpoint: str
     teacher_model: ModelConfig | None = None
-    methods: dict[str, float] = field(
-        default_factory=lambda: {"rm": 4.0, "pfi": 1.5}, metadata=_WEIGHTS
+    methods: dict[str, float | Literal["auto"]] = field(
+        default_factory=lambda: {"rm": "auto", "pfi": "auto"}, metadata=_WEIGHTS
     )
+    auto_ratio: float = field(default=1.0, metadata=_POSITIVE)
+    auto_batches: int = field(default=4, metadata=_POSITIVE)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_half: bool = False
 
@@ -331,7 +339,11 @@ def _convert_union(value: Any, tp: Any, key: str, partial: bool) -> Any:
     nested = [e for e in errors if e.key != key]
     if len(candidates) == 1 and nested:
         raise nested[0]
-    raise _mismatch(key, tp, value)
+    hints = [str(e)[str(e).index(" (did you mean") :] for e in errors if "(did you mean" in str(e)]
+    mismatch = _mismatch(key, tp, value)
+    if hints:
+        raise ConfigError(f"{mismatch}{hints[0]}", key)
+    raise mismatch
 
 
 def _convert_dataclass(value: Any, cls: type, key: str, partial: bool) -> Any:

@@ -2,8 +2,10 @@
 
 Run by ``detdistill doctor CONFIG`` and at the start of every ``distill``:
 weights load strictly, the teacher actually detects (its validation mAP), the
-teacher and student are compatible, every level's shapes, and each loss term's
-size at step 0 next to the detection loss.
+teacher and student are compatible, every level's shapes, each method's weight
+(the one ``auto`` will choose, measured on the same first batches training
+uses) with the gradient ratio it amounts to, and each loss term's size at
+step 0 next to the detection loss.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Subset
 
+from detdistill.auto_weights import format_balance
 from detdistill.distill import Distiller, IncompatibleModelsError
 from detdistill.engine.builders import build_datasets, build_eval_loader, build_model, load_detector
 from detdistill.engine.checkpoint import CheckpointError
 from detdistill.engine.config import Config
 from detdistill.engine.distributed import resolve_device
+from detdistill.engine.sampling import first_training_batches
 from detdistill.evaluation import evaluate
 
 MIN_TEACHER_MAP = 0.02
@@ -51,6 +55,7 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         "OK",
         f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes",
     )
+    torch.manual_seed(cfg.seed)  # the initial student the trainer builds
     student = build_model(cfg.model, cfg.data.image_size).to(device)
     n_params = sum(p.numel() for p in student.parameters())
     report.add(
@@ -104,6 +109,7 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         report.add(
             "OK", "teacher and student are compatible (levels, strides, anchors, classes, input)"
         )
+        _check_weights(report, cfg, data.train, distiller, device)
     _check_step_zero(
         report,
         cfg,
@@ -114,6 +120,30 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         device,
     )
     return report
+
+
+def _check_weights(report, cfg, train_set, distiller, device) -> None:
+    """Each term's weight (auto ones chosen as training will) and its gradient ratio."""
+    batches = (
+        (
+            [img.to(device) for img in images],
+            [
+                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                for t in targets
+            ],
+        )
+        for images, targets in first_training_batches(
+            train_set, cfg.data.batch_size, cfg.seed, cfg.distill.auto_batches
+        )
+    )
+    distiller.train()
+    try:
+        chosen = distiller.balance(batches, cfg.distill.auto_ratio)
+    except ValueError as exc:
+        report.add("FAIL", str(exc))
+        return
+    for line in format_balance(chosen).splitlines():
+        report.add("OK", line)
 
 
 def _check_step_zero(report, cfg, train_set, student, teacher, distiller, device) -> None:
@@ -149,7 +179,7 @@ def _check_step_zero(report, cfg, train_set, student, teacher, distiller, device
         report.add(
             "OK" if positives else "WARN", f"{positives} positive anchors in the first batch"
         )
-        if distiller is None:
+        if distiller is None or distiller.needs_balance:
             return
         losses = distiller(images, targets)
     detection = sum(float(losses[k]) for k in s_out.losses)

@@ -8,6 +8,7 @@ sample index, whatever worker process loads it.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -117,3 +118,25 @@ class SeededAugmentation(Dataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def first_training_batches(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    count: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[list[Any], list[Any]]]:
+    """The first ``count`` batches of a run's epoch 0 as (images, targets), augmented as in training.
+
+    ``auto`` weights are measured on these; ``detdistill doctor`` draws the same
+    ones, so the weights it shows are the ones training will choose.
+    """
+    augmented = SeededAugmentation(dataset, seed)
+    sampler = ResumableBatchSampler(
+        len(augmented), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size
+    )
+    for indices in itertools.islice(iter(sampler), count):
+        samples = [augmented[i] for i in indices]
+        yield [image for image, _ in samples], [target for _, target in samples]

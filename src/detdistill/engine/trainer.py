@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from detdistill.auto_weights import format_balance
 from detdistill.data import collate_fn
 from detdistill.distill import Distiller
 from detdistill.engine.builders import (
@@ -45,7 +46,11 @@ from detdistill.engine.checkpoint import (
 from detdistill.engine.config import Config, TrainConfig, config_to_dict, save_config
 from detdistill.engine.distributed import DistInfo, barrier, init_distributed, reduce_dict_mean
 from detdistill.engine.metrics_log import MetricsLogger
-from detdistill.engine.sampling import ResumableBatchSampler, SeededAugmentation
+from detdistill.engine.sampling import (
+    ResumableBatchSampler,
+    SeededAugmentation,
+    first_training_batches,
+)
 from detdistill.engine.schedule import build_scheduler, lr_factor
 from detdistill.evaluation import evaluate
 
@@ -165,6 +170,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.step = 0
         self.metrics: dict[str, float] = {}
+        self.balance: dict[str, dict[str, Any]] = {}  # what auto weighting measured and chose
 
     def _build_data(self) -> DataSplits:
         """Rank 0 first: embedded data is generated once, then every rank reads it."""
@@ -208,6 +214,8 @@ class Trainer:
         if self.distiller is not None:
             state["adapters"] = self.distiller.adapters.state_dict()
             state["teacher"] = self.teacher_info
+            state["distill_weights"] = dict(self.distiller.weights)
+            state["balance"] = self.balance
         save_checkpoint(self.run_dir / STATE_FILE, state)
         save_checkpoint(self.run_dir / WEIGHTS_FILE, weights)
 
@@ -225,6 +233,12 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.distiller is not None:
             self.distiller.adapters.load_state_dict(state["adapters"])
+            # The weights auto chose at the start; measuring again mid-run would change them.
+            saved_weights = state.get("distill_weights") or {}
+            self.distiller.set_weights(
+                {k: v for k, v in saved_weights.items() if k in self.distiller.auto_methods}
+            )
+            self.balance = dict(state.get("balance") or {})
             saved = state.get("teacher") or {}
             if saved.get("sha256") != self.teacher_info["sha256"]:
                 raise CheckpointError(
@@ -253,6 +267,58 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
+    def _to_device(
+        self, images: list[Tensor], targets: list[dict[str, Any]]
+    ) -> tuple[list[Tensor], list[dict[str, Any]]]:
+        images = [img.to(self.device, non_blocking=True) for img in images]
+        targets = [
+            {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in t.items()}
+            for t in targets
+        ]
+        return images, targets
+
+    def choose_auto_weights(self, logger: MetricsLogger) -> None:
+        """Measure on the run's first batches and fix every ``auto`` weight (once per run).
+
+        The batches are the first ``distill.auto_batches`` of epoch 0, exactly
+        those training starts with (and ``detdistill doctor`` shows); nothing
+        is trained and the RNG state is kept, so the training curve does not
+        depend on whether the weights were auto.
+        """
+        assert self.distiller is not None and self.cfg.distill is not None
+        start = time.perf_counter()
+        batches = (
+            self._to_device(images, targets)
+            for images, targets in first_training_batches(
+                self.data.train,
+                self.cfg.data.batch_size,
+                self.cfg.seed,
+                self.cfg.distill.auto_batches,
+                self.dist.rank,
+                self.dist.world_size,
+            )
+        )
+        with torch.autocast(self.device.type, enabled=self.amp):
+            chosen = self.distiller.balance(batches, self.cfg.distill.auto_ratio)
+        self.balance = {name: b.as_dict() for name, b in chosen.items()}
+        seconds = time.perf_counter() - start
+        logger.log(
+            {
+                **{f"distill_weight/{n}": b.weight for n, b in chosen.items()},
+                **{f"distill_grad_ratio/{n}": b.ratio for n, b in chosen.items()},
+                "distill_weight/seconds": seconds,
+            },
+            step=self.step,
+            epoch=0,
+        )
+        if self.dist.is_main:
+            log.info(
+                "auto weights from %d batches (%.1f s):\n%s",
+                self.cfg.distill.auto_batches,
+                seconds,
+                format_balance(chosen),
+            )
+
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Named loss terms of one batch (weighted distillation terms included)."""
         with torch.autocast(self.device.type, enabled=self.amp):
@@ -263,11 +329,7 @@ class Trainer:
     def train_step(
         self, images: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        images = [img.to(self.device, non_blocking=True) for img in images]
-        targets = [
-            {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in t.items()}
-            for t in targets
-        ]
+        images, targets = self._to_device(images, targets)
         losses = self.losses(images, targets)
         total = sum(losses.values())
         if not torch.isfinite(total):
@@ -306,6 +368,8 @@ class Trainer:
         history: list[dict[str, Any]] = []
         status = "completed"
         with MetricsLogger(self.run_dir, enabled=self.dist.is_main) as logger:
+            if self.distiller is not None and self.distiller.needs_balance:
+                self.choose_auto_weights(logger)
             try:
                 while self.epoch < cfg.train.epochs:
                     if self._train_epoch(logger):
@@ -342,12 +406,15 @@ class Trainer:
             self.metrics = self.evaluate()
             self._save()
         if self.dist.is_main:
-            summary = {
+            summary: dict[str, Any] = {
                 "status": status,
                 "epoch": self.epoch,
                 "step": self.step,
                 "metrics": self.metrics,
             }
+            if self.distiller is not None:
+                summary["distill_weights"] = dict(self.distiller.weights)
+                summary["balance"] = self.balance
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return RunResult(self.run_dir, self.metrics, self.epoch, self.step, status, history)
 

@@ -1,9 +1,15 @@
-"""Feature imitation baselines: FitNet, FGFI, DeFeat and teacher-score weighting (SPEC 2.4).
+"""Feature imitation baselines: FitNet, FGFI, DeFeat and teacher-score weighting.
 
 All of them compare adapted student features with teacher features through the
 same per-location difference ``D_l = mean_c (phi_l(F^s_l) - F^t_l)^2`` that PFI
 uses (channels averaged, not summed, so method weights are comparable across
 methods); they differ only in where they look and how they normalise.
+
+Each takes ``feature_norm``: ``"none"`` compares the features as they are (the
+published forms), ``"channel"`` standardises every channel of both first
+(:mod:`detdistill.losses.normalize`), so ``D_l`` becomes
+``D_hat_l = mean_c (std_c(phi_l(F^s_l)) - std_c(F^t_l))^2``, which averages
+``2 (1 - Pearson correlation)`` on any data and any level.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from torch import Tensor
 
 from detdistill.losses._levels import check_levels, check_spatial
 from detdistill.losses._precision import float32_loss
+from detdistill.losses.normalize import FeatureNorm, normalize_features
 from detdistill.losses.pfi import feature_difference
 
 
@@ -23,6 +30,7 @@ def feature_imitation_loss(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
     masks: Sequence[Tensor] | None = None,
+    feature_norm: FeatureNorm = "none",
 ) -> Tensor:
     r"""Mean squared feature difference, everywhere or inside a mask.
 
@@ -44,9 +52,9 @@ def feature_imitation_loss(
         exact 0 that keeps the graph.
     """
     check_levels("student_feats", student_feats, "teacher_feats", teacher_feats)
+    student_feats, teacher_feats = normalize_features(student_feats, teacher_feats, feature_norm)
     diffs = [
-        feature_difference(f_s, f_t.detach())
-        for f_s, f_t in zip(student_feats, teacher_feats, strict=True)
+        feature_difference(f_s, f_t) for f_s, f_t in zip(student_feats, teacher_feats, strict=True)
     ]
     if masks is None:
         return torch.stack([d.mean() for d in diffs]).mean()
@@ -70,6 +78,7 @@ def decoupled_feature_loss(
     foreground_masks: Sequence[Tensor],
     foreground_weight: float = 1.0,
     background_weight: float = 1.0,
+    feature_norm: FeatureNorm = "none",
 ) -> Tensor:
     r"""DeFeat's feature part: foreground and background imitated separately.
 
@@ -78,6 +87,8 @@ def decoupled_feature_loss(
     size and the large background cannot drown the objects (Guo et al.,
     "Distilling Object Detectors via Decoupled Features", CVPR 2021).
     """
+    check_levels("student_feats", student_feats, "teacher_feats", teacher_feats)
+    student_feats, teacher_feats = normalize_features(student_feats, teacher_feats, feature_norm)
     background = [~m.bool() for m in foreground_masks]
     fg = feature_imitation_loss(student_feats, teacher_feats, foreground_masks)
     bg = feature_imitation_loss(student_feats, teacher_feats, background)
@@ -89,6 +100,7 @@ def score_weighted_imitation(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
     teacher_logits: Sequence[Tensor],
+    feature_norm: FeatureNorm = "none",
 ) -> Tensor:
     r"""Feature imitation weighted by the teacher's confidence (``scorel2``).
 
@@ -103,8 +115,9 @@ def score_weighted_imitation(
     """
     check_levels("student_feats", student_feats, "teacher_feats", teacher_feats)
     check_spatial("teacher_feats", teacher_feats, "teacher_logits", teacher_logits)
+    student_feats, teacher_feats = normalize_features(student_feats, teacher_feats, feature_norm)
     per_level = []
     for f_s, f_t, z_t in zip(student_feats, teacher_feats, teacher_logits, strict=True):
         weight = z_t.detach().sigmoid().amax(dim=1)
-        per_level.append((weight * feature_difference(f_s, f_t.detach())).mean())
+        per_level.append((weight * feature_difference(f_s, f_t)).mean())
     return torch.stack(per_level).mean()

@@ -11,11 +11,12 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from detdistill.losses.feature_imitation import (
     decoupled_feature_loss,
@@ -23,10 +24,20 @@ from detdistill.losses.feature_imitation import (
     score_weighted_imitation,
 )
 from detdistill.losses.masks import box_center_masks, fgfi_masks
-from detdistill.losses.pfi import pfi_loss
+from detdistill.losses.normalize import FeatureNorm
+from detdistill.losses.pfi import WeightNorm, pfi_loss
 from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
 from detdistill.models.output import flatten_levels
+
+
+class Candidates(NamedTuple):
+    """Candidate boxes of the ground-truth objects, one entry per (object, anchor) pair."""
+
+    images: Tensor  # (P,) image index in the batch
+    anchors: Tensor  # (P,) anchor index in the image's flat anchor order
+    classes: Tensor  # (P,) the object's class
+    instances: Tensor  # (P,) object id, unique over the batch
 
 
 @dataclass(eq=False)
@@ -65,8 +76,8 @@ class DistillBatch:
         return flatten_levels(self.teacher_logits, self.num_classes)
 
     @cached_property
-    def candidates(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """RM candidates: (image index, anchor index, class, instance id), one row per positive anchor."""
+    def candidates(self) -> Candidates:
+        """Each object's positive anchors, as the detector's own assigner chose them."""
         images, anchors, classes, instances = [], [], [], []
         offset = 0
         for n, (matched, labels) in enumerate(zip(self.matched_idxs, self.gt_labels, strict=True)):
@@ -77,7 +88,34 @@ class DistillBatch:
             classes.append(labels[gt_index].to(pos.dtype))
             instances.append(gt_index + offset)
             offset += labels.numel()
-        return tuple(torch.cat(x) for x in (images, anchors, classes, instances))  # type: ignore[return-value]
+        return Candidates(*(torch.cat(x) for x in (images, anchors, classes, instances)))
+
+    def top_iou_candidates(self, k: int) -> Candidates:
+        """Each object's ``k`` anchors of highest IoU with its box (IoU > 0), over all levels.
+
+        A bag as ATSS draws before thresholding: larger than the assigner's
+        positives (3.8 per object for the ``digits`` student), and the same
+        size for every object, so there is an order worth mimicking.
+        """
+        images, anchors, classes, instances = [], [], [], []
+        offset = 0
+        for n, (boxes, labels, image_anchors) in enumerate(
+            zip(self.gt_boxes, self.gt_labels, self.anchors, strict=True)
+        ):
+            if boxes.numel() == 0:
+                continue
+            iou = box_iou(boxes.to(image_anchors.dtype), image_anchors)
+            values, index = iou.topk(min(k, image_anchors.shape[0]), dim=1)
+            gt_index, rank = torch.nonzero(values > 0, as_tuple=True)
+            chosen = index[gt_index, rank]
+            images.append(torch.full_like(chosen, n))
+            anchors.append(chosen)
+            classes.append(labels[gt_index].to(chosen.dtype))
+            instances.append(gt_index + offset)
+            offset += labels.numel()
+        if not images:
+            return self.candidates
+        return Candidates(*(torch.cat(x) for x in (images, anchors, classes, instances)))
 
 
 class DistillMethod(nn.Module):
@@ -123,26 +161,49 @@ def build_method(name: str, **options: object) -> DistillMethod:
 
 @register_method("rm")
 class RankMimicking(DistillMethod):
-    """Rank Mimicking over each ground truth's positive anchors (SPEC 2.1).
+    """Rank Mimicking over each ground truth's candidate boxes (Li et al., AAAI 2022).
 
     ``score``: "logit" (default, the paper), "prob" (sigmoid, as the MMRazor
     port), or "quality": classification and localisation quality together,
     ``log(sigmoid(z_cls) * sigmoid(z_quality))``, for heads with a quality branch.
+    ``candidates``: "positives" (the assigner's positive anchors, the paper) or
+    "topk" (the ``topk`` anchors of highest IoU with the object, see
+    :meth:`DistillBatch.top_iou_candidates`).
     """
 
     def __init__(
-        self, temperature: float = 1.0, score: Literal["logit", "prob", "quality"] = "logit"
+        self,
+        temperature: float = 1.0,
+        score: Literal["logit", "prob", "quality"] = "logit",
+        candidates: Literal["positives", "topk"] = "positives",
+        topk: int = 16,
     ):
         super().__init__()
         if score not in ("logit", "prob", "quality"):
             raise ValueError(f"rm score must be 'logit', 'prob' or 'quality', got {score!r}")
+        if candidates not in ("positives", "topk"):
+            raise ValueError(f"rm candidates must be 'positives' or 'topk', got {candidates!r}")
+        if topk < 2:
+            raise ValueError(f"rm topk must be >= 2 (one candidate has no order), got {topk}")
+        if temperature <= 0:
+            raise ValueError(f"rm temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.score = score
+        self.candidates = candidates
+        self.topk = topk
+
+    def _candidates(self, batch: DistillBatch) -> Candidates:
+        if self.candidates == "topk":
+            return batch.top_iou_candidates(self.topk)
+        return batch.candidates
 
     def _scores(
-        self, flat_logits: Tensor, quality: list[Tensor] | None, batch: DistillBatch
+        self,
+        flat_logits: Tensor,
+        quality: list[Tensor] | None,
+        candidates: Candidates,
     ) -> Tensor:
-        images, anchors, classes, _ = batch.candidates
+        images, anchors, classes = candidates.images, candidates.anchors, candidates.classes
         logits = flat_logits[images, anchors, classes]
         if self.score == "logit":
             return logits
@@ -156,19 +217,31 @@ class RankMimicking(DistillMethod):
         return F.logsigmoid(logits) + F.logsigmoid(quality_logits)
 
     def forward(self, batch: DistillBatch) -> Tensor:
-        student = self._scores(batch.student_flat_logits, batch.student_quality, batch)
-        teacher = self._scores(batch.teacher_flat_logits, batch.teacher_quality, batch)
-        return rank_mimicking_loss(student, teacher, batch.candidates[3], self.temperature)
+        candidates = self._candidates(batch)
+        student = self._scores(batch.student_flat_logits, batch.student_quality, candidates)
+        teacher = self._scores(batch.teacher_flat_logits, batch.teacher_quality, candidates)
+        return rank_mimicking_loss(student, teacher, candidates.instances, self.temperature)
 
 
 @register_method("pfi")
 class PredictionGuidedImitation(DistillMethod):
-    """Prediction-guided Feature Imitation (SPEC 2.2)."""
+    """Prediction-guided Feature Imitation (Li et al., AAAI 2022); see :func:`pfi_loss`.
 
-    def __init__(self, norm: Literal["mean", "l2"] = "mean", detach_weight: bool = True):
+    ``weight_norm="mean", feature_norm="channel"`` is the scale-free form.
+    """
+
+    def __init__(
+        self,
+        norm: Literal["mean", "l2"] = "mean",
+        detach_weight: bool = True,
+        weight_norm: WeightNorm = "none",
+        feature_norm: FeatureNorm = "none",
+    ):
         super().__init__()
         self.norm = norm
         self.detach_weight = detach_weight
+        self.weight_norm = weight_norm
+        self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
         return pfi_loss(
@@ -178,12 +251,14 @@ class PredictionGuidedImitation(DistillMethod):
             batch.teacher_logits,
             norm=self.norm,
             detach_weight=self.detach_weight,
+            weight_norm=self.weight_norm,
+            feature_norm=self.feature_norm,
         )
 
 
 @register_method("kd")
 class SoftLabelKD(DistillMethod):
-    """Soft-label distillation over every anchor's class probabilities (SPEC 2.4)."""
+    """Soft-label distillation over every anchor's class probabilities (Hinton et al., 2015)."""
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
@@ -197,35 +272,50 @@ class SoftLabelKD(DistillMethod):
 
 @register_method("fitnet")
 class FitNet(DistillMethod):
-    """Imitate the whole feature map (SPEC 2.4)."""
+    """Imitate the whole feature map (Romero et al., ICLR 2015)."""
+
+    def __init__(self, feature_norm: FeatureNorm = "none"):
+        super().__init__()
+        self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
-        return feature_imitation_loss(batch.student_feats, batch.teacher_feats)
+        return feature_imitation_loss(
+            batch.student_feats, batch.teacher_feats, feature_norm=self.feature_norm
+        )
 
 
 @register_method("fgfi")
 class FineGrainedImitation(DistillMethod):
-    """Imitate only the locations of anchors near objects (SPEC 2.4, psi = 0.5)."""
+    """Imitate only the locations of anchors near objects (Wang et al., CVPR 2019, psi = 0.5)."""
 
-    def __init__(self, psi: float = 0.5):
+    def __init__(self, psi: float = 0.5, feature_norm: FeatureNorm = "none"):
         super().__init__()
         self.psi = psi
+        self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
         masks = fgfi_masks(
             batch.anchors, batch.gt_boxes, batch.level_shapes, batch.num_anchors, self.psi
         )
-        return feature_imitation_loss(batch.student_feats, batch.teacher_feats, masks)
+        return feature_imitation_loss(
+            batch.student_feats, batch.teacher_feats, masks, feature_norm=self.feature_norm
+        )
 
 
 @register_method("defeat")
 class DecoupledFeatures(DistillMethod):
-    """Foreground and background imitated separately with their own weights (SPEC 2.4)."""
+    """Foreground and background imitated separately (Guo et al., CVPR 2021)."""
 
-    def __init__(self, foreground_weight: float = 1.0, background_weight: float = 1.0):
+    def __init__(
+        self,
+        foreground_weight: float = 1.0,
+        background_weight: float = 1.0,
+        feature_norm: FeatureNorm = "none",
+    ):
         super().__init__()
         self.foreground_weight = foreground_weight
         self.background_weight = background_weight
+        self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
         masks = box_center_masks(
@@ -237,14 +327,22 @@ class DecoupledFeatures(DistillMethod):
             masks,
             self.foreground_weight,
             self.background_weight,
+            feature_norm=self.feature_norm,
         )
 
 
 @register_method("scorel2")
 class ScoreWeightedImitation(DistillMethod):
-    """Imitation weighted by the teacher's top class probability (SPEC 2.4)."""
+    """Imitation weighted by the teacher's top class probability (Ultralytics' form)."""
+
+    def __init__(self, feature_norm: FeatureNorm = "none"):
+        super().__init__()
+        self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
         return score_weighted_imitation(
-            batch.student_feats, batch.teacher_feats, batch.teacher_logits
+            batch.student_feats,
+            batch.teacher_feats,
+            batch.teacher_logits,
+            feature_norm=self.feature_norm,
         )

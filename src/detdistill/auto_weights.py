@@ -1,0 +1,203 @@
+"""``auto`` loss weights: each distillation term pulls the student as hard as detection does.
+
+A weight given as ``"auto"`` is set once, before the first optimiser step, by
+measuring gradients on the first few training batches::
+
+    theta_m = the student parameters that term m reaches (its gradient is defined there)
+    G_det   = mean over batches of || d L_det / d theta_m ||_2
+    G_m     = mean over batches of || d L_m   / d theta_m ||_2
+    w_m     = ratio * G_det / G_m
+
+so that, at the start of training, the weighted term's gradient on the
+parameters it shares with the detection loss is ``ratio`` times the
+detection loss's gradient there.
+
+Why gradients and not loss values: a loss value says nothing about how hard
+it pulls. PFI's value is a product of two small numbers (about 1e-4 of the
+detection loss on the ``digits`` models), RM's is a KL divergence, FitNet's
+the square of the teacher's activation scale; equal values give wildly
+different pulls. What a term does to the student is its gradient, and the
+detection gradient on the same parameters is the natural unit: it is what the
+student would learn without a teacher. This is GradNorm's measure (Chen et
+al., ICML 2018), taken once at the start rather than learned during training,
+so the weight is a fixed, logged number and training stays the plain
+weighted sum. Measuring only on ``theta_m`` matters: PFI never reaches the
+head (its weight ``P`` is detached), so comparing it with the head's share of
+the detection gradient would measure the wrong thing.
+
+The measurement uses ``torch.autograd.grad`` (no ``.grad`` is touched, no
+optimiser step is taken), restores the student's buffers (BatchNorm
+statistics) and the random-number state afterwards, and averages across
+processes under DDP, so every rank chooses the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+AUTO = "auto"
+DEFAULT_RATIO = 1.0
+DEFAULT_BATCHES = 4
+
+Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
+
+
+class WeightError(ValueError):
+    """A method weight that is neither a number >= 0 nor ``"auto"``."""
+
+
+def parse_weight(name: str, weight: Any) -> float | None:
+    """A method's weight as a float, or ``None`` for ``"auto"``; anything else is a one-line error."""
+    if isinstance(weight, str):
+        if weight.strip().lower() == AUTO:
+            return None
+        raise WeightError(
+            f"weight of method {name!r} must be a number >= 0 or 'auto', got {weight!r}"
+        )
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise WeightError(
+            f"weight of method {name!r} must be a number >= 0 or 'auto', got {weight!r}"
+        )
+    if not math.isfinite(weight) or weight < 0:
+        raise WeightError(
+            f"weight of method {name!r} must be a number >= 0 or 'auto', got {weight!r}"
+        )
+    return float(weight)
+
+
+@dataclass
+class TermBalance:
+    """What was measured for one distillation term, and the weight it got.
+
+    ``ratio`` is the weighted term's gradient over the detection gradient on the
+    shared parameters: exactly the target ratio for ``auto`` terms, and for a
+    fixed weight what that weight amounts to (``detdistill doctor`` prints it).
+    """
+
+    weight: float
+    auto: bool
+    grad_norm: float
+    detection_grad_norm: float
+    shared_parameters: int
+
+    @property
+    def ratio(self) -> float:
+        if self.detection_grad_norm == 0:
+            return math.inf
+        return self.weight * self.grad_norm / self.detection_grad_norm
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def _mean_across_processes(values: Tensor) -> Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values
+
+
+def measure_gradients(
+    student_params: list[nn.Parameter],
+    terms_per_batch: Iterable[tuple[Tensor, Mapping[str, Tensor]]],
+    names: list[str],
+) -> dict[str, tuple[float, float, int]]:
+    """Per term: (mean ||grad L_m||, mean ||grad L_det||, number of shared scalars).
+
+    ``terms_per_batch`` yields, per batch, the detection loss and the
+    unweighted distillation terms, all with their graphs.
+    """
+    sums = torch.zeros(2 * len(names), dtype=torch.float64)
+    shared = dict.fromkeys(names, 0)
+    batches = 0
+    for detection, terms in terms_per_batch:
+        for i, name in enumerate(names):
+            term_grads = torch.autograd.grad(
+                terms[name], student_params, retain_graph=True, allow_unused=True
+            )
+            reached = [k for k, g in enumerate(term_grads) if g is not None]
+            if not reached:
+                continue
+            params = [student_params[k] for k in reached]
+            det_grads = torch.autograd.grad(detection, params, retain_graph=True, allow_unused=True)
+            sums[2 * i] += _norm([term_grads[k] for k in reached])
+            sums[2 * i + 1] += _norm([g for g in det_grads if g is not None])
+            shared[name] = max(shared[name], sum(p.numel() for p in params))
+        batches += 1
+    if batches == 0:
+        raise ValueError("auto weights need at least one batch to measure on")
+    means = _mean_across_processes(sums / batches)
+    return {
+        name: (float(means[2 * i]), float(means[2 * i + 1]), shared[name])
+        for i, name in enumerate(names)
+    }
+
+
+def _norm(grads: list[Tensor]) -> float:
+    if not grads:
+        return 0.0
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
+
+
+def choose_weights(
+    weights: Mapping[str, float | None],
+    measured: Mapping[str, tuple[float, float, int]],
+    ratio: float = DEFAULT_RATIO,
+) -> dict[str, TermBalance]:
+    """Apply ``w_m = ratio * G_det / G_m`` to the ``auto`` (``None``) weights; keep the others."""
+    if not (ratio > 0 and math.isfinite(ratio)):
+        raise WeightError(f"auto ratio must be a finite number > 0, got {ratio!r}")
+    out = {}
+    for name, weight in weights.items():
+        grad_norm, detection_norm, shared = measured[name]
+        if weight is None:
+            if grad_norm == 0 or not math.isfinite(grad_norm):
+                raise WeightError(
+                    f"cannot choose an auto weight for {name!r}: its gradient on the student is "
+                    f"{grad_norm} on the measured batches (no candidates? identical networks?); "
+                    "give it a number"
+                )
+            weight = ratio * detection_norm / grad_norm
+        out[name] = TermBalance(
+            weight=float(weight),
+            auto=weights[name] is None,
+            grad_norm=grad_norm,
+            detection_grad_norm=detection_norm,
+            shared_parameters=shared,
+        )
+    return out
+
+
+@contextmanager
+def preserved_state(module: nn.Module) -> Iterator[None]:
+    """The module's buffers (BatchNorm statistics) and the CPU RNG state are as before on exit."""
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, buffer in module.named_buffers():
+                    buffer.copy_(buffers[name])
+
+
+def format_balance(balance: Mapping[str, TermBalance]) -> str:
+    """One line per term, as printed at the start of training and by ``doctor``."""
+    lines = []
+    for name, b in balance.items():
+        how = "auto" if b.auto else "fixed"
+        lines.append(
+            f"{name}: weight {b.weight:.4g} ({how}); its gradient on the {b.shared_parameters:,} "
+            f"student parameters it reaches is {b.ratio:.3g}x the detection loss's"
+        )
+    return "\n".join(lines)
