@@ -10,10 +10,13 @@ import torch
 
 from detdistill.auto_weights import WeightError, choose_weights, measure_gradients, parse_weight
 from detdistill.distill import Distiller
-from detdistill.engine.config import ConfigError
-from detdistill.engine.presets import load_preset_or_file
+from detdistill.engine.config import ConfigError, load_config
+from detdistill.engine.metrics_log import read_metrics
+from detdistill.engine.presets import load_preset_or_file, preset_path
+from detdistill.engine.trainer import Trainer, run
 from detdistill.losses import list_methods
 from test_distill import batch, tiny
+from test_trainer import TINY
 
 
 def test_rule_on_a_hand_made_case():
@@ -131,13 +134,6 @@ def test_config_accepts_auto_next_to_numbers():
 
 def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
     """Chosen once, written to summary.json, metrics.jsonl and the state; a resume reuses them."""
-    from test_trainer import TINY
-
-    from detdistill.engine.config import load_config
-    from detdistill.engine.metrics_log import read_metrics
-    from detdistill.engine.presets import preset_path
-    from detdistill.engine.trainer import Trainer, run
-
     common = [*TINY, f"data.root={tmp_path / 'data'}", "train.epochs=1"]
     run(load_config(preset_path("digits_teacher"), [*common, f"output_dir={tmp_path / 't'}"]),
         show_progress=False)  # fmt: skip
