@@ -41,9 +41,16 @@ DEFAULT_METHODS = ["none", "kd", "fitnet", "fgfi", "defeat", "rm", "pfi", "rm+pf
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def parse_weights(text: str) -> dict[str, float]:
-    """``rm=4,pfi=1.5`` -> ``{"rm": 4.0, "pfi": 1.5}``."""
-    return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+def parse_weights(text: str) -> dict[str, float | str]:
+    """``rm=4,pfi=auto`` -> ``{"rm": 4.0, "pfi": "auto"}``."""
+    return {
+        k: v if v == "auto" else float(v)
+        for k, v in (item.split("=") for item in text.split(",") if item)
+    }
+
+
+def format_weights(weights: dict[str, float | str]) -> str:
+    return ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in weights.items())
 
 
 def parse_options(text: str) -> dict[str, dict[str, object]]:
@@ -80,6 +87,7 @@ def run_one(job: dict) -> dict:
     summary = run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         metrics = json.loads(summary.read_text())["metrics"]
+        chosen = json.loads(summary.read_text()).get("distill_weights")
         wall = (
             json.loads((run_dir / "wall_time.json").read_text())["seconds"]
             if (run_dir / "wall_time.json").exists()
@@ -93,11 +101,13 @@ def run_one(job: dict) -> dict:
         if result.status != "completed":  # Ctrl-C or max_steps: no row, keep what is saved
             raise RuntimeError(f"{job['name']} stopped ({result.status}); run again to resume it")
         metrics = result.metrics
+        chosen = json.loads(summary.read_text()).get("distill_weights")
         (run_dir / "wall_time.json").write_text(json.dumps({"seconds": wall}) + "\n")
     return {
         "name": job["name"],
         "method": job["method"],
         "weights": job["weights"],
+        "chosen_weights": chosen,  # what "auto" weights became (equal to weights otherwise)
         "options": job["options"],
         "seed": job["seed"],
         **{k: metrics.get(k) for k in METRICS},
@@ -144,7 +154,7 @@ def markdown(table: list[dict], teacher: dict | None) -> str:
             f"| teacher | | {100 * teacher['mAP']:.1f} | {100 * teacher['AP50']:.1f} | | | 1 |"
         )
     for t in table:
-        weights = ", ".join(f"{k} {v:g}" for k, v in t["weights"].items())
+        weights = format_weights(t["weights"])
         gain = f"{100 * t['gain']:+.1f}" if t["method"] != "none" and "gain" in t else ""
         closed = (
             f"{100 * t['gap_closed']:.0f}%"

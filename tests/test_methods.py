@@ -121,3 +121,58 @@ def test_build_method_errors_name_the_choices():
         build_method("rmm")
     with pytest.raises(ValueError, match="no option.*temprature.*temperature"):
         build_method("rm", temprature=2.0)
+
+
+def iou(a, b):
+    """Plain-Python IoU of two xyxy boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+@pytest.mark.parametrize("k", [2, 5, 1000])
+def test_rm_topk_candidates_are_each_objects_best_overlapping_anchors(k):
+    batch = make_batch()
+    candidates = batch.top_iou_candidates(k)
+    anchors = batch.anchors[0].tolist()
+    expected = set()
+    for j, (box, label) in enumerate(
+        zip(batch.gt_boxes[0].tolist(), batch.gt_labels[0].tolist(), strict=True)
+    ):
+        overlaps = sorted(((iou(box, a), r) for r, a in enumerate(anchors)), reverse=True)
+        kth = overlaps[min(k, len(overlaps)) - 1][0]
+        best = {r for v, r in overlaps if v > 0 and v >= kth}
+        chosen = {
+            int(r) for r, i in zip(candidates.anchors, candidates.instances, strict=True) if i == j
+        }
+        assert chosen <= best and len(chosen) == min(k, sum(v > 0 for v, _ in overlaps))
+        expected |= {(0, r, label, j) for r in chosen}
+    got = set(zip(*(x.tolist() for x in candidates), strict=True))
+    assert got == expected  # the second image has no objects and adds nothing
+    loss = build_method("rm", candidates="topk", topk=k)(batch)
+    s = batch.student_flat_logits[candidates.images, candidates.anchors, candidates.classes]
+    t = batch.teacher_flat_logits[candidates.images, candidates.anchors, candidates.classes]
+    assert loss.item() == pytest.approx(
+        rank_mimicking_loss(s, t, candidates.instances).item(), rel=1e-6
+    )
+
+
+def test_rm_options_are_checked():
+    with pytest.raises(ValueError, match="rm candidates must be 'positives' or 'topk'"):
+        build_method("rm", candidates="all")
+    with pytest.raises(ValueError, match="rm topk must be >= 2"):
+        build_method("rm", candidates="topk", topk=1)
+    with pytest.raises(ValueError, match="rm temperature must be > 0"):
+        build_method("rm", temperature=0.0)
+
+
+@pytest.mark.parametrize("name", ["fitnet", "fgfi", "defeat", "scorel2", "pfi"])
+def test_feature_methods_take_the_scale_free_form(name):
+    batch = make_batch()
+    plain, scaled = build_method(name), build_method(name, feature_norm="channel")
+    assert torch.isfinite(scaled(batch)) and scaled(batch).item() != plain(batch).item()
+    grown = make_batch()
+    grown.teacher_feats = [100 * f + 5 for f in grown.teacher_feats]
+    assert scaled(grown).item() == pytest.approx(scaled(batch).item(), rel=1e-4)
