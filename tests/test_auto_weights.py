@@ -171,3 +171,22 @@ def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
     records = [r for r in read_metrics(tmp_path / "s") if "distill_weight/rm" in r]
     assert len(records) == 1 and records[0]["distill_weight/rm"] == pytest.approx(chosen["rm"])
     assert list((tmp_path / "s" / "tb").iterdir())  # the TensorBoard mirror of the same record
+
+
+def test_doctor_shows_the_weights_training_chooses(tmp_path):
+    from detdistill.engine.doctor import run_doctor
+
+    common = [*TINY, f"data.root={tmp_path / 'data'}", "train.epochs=1", "train.max_steps=1"]
+    run(load_config(preset_path("digits_teacher"), [*common, f"output_dir={tmp_path / 't'}"]),
+        show_progress=False)  # fmt: skip
+    cfg = load_config(
+        preset_path("digits_distill"),
+        [*common, f"output_dir={tmp_path / 's'}", "model.backbone_kwargs={width: 2, depth: 1}",
+         f"distill.teacher_checkpoint={tmp_path / 't' / 'model.pt'}",
+         "distill.methods={rm: 2.0, pfi: auto}", "distill.auto_batches=2"],
+    )  # fmt: skip
+    run(cfg, show_progress=False)
+    chosen = json.loads((tmp_path / "s" / "summary.json").read_text())["distill_weights"]
+    report = run_doctor(cfg).render()
+    assert f"pfi: weight {chosen['pfi']:.4g} (auto)" in report
+    assert "rm: weight 2 (fixed); its gradient on the" in report

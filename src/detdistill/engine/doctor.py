@@ -87,7 +87,10 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
             return report
         subset = Subset(data.val, range(min(max_eval_images, len(data.val))))
         loader = build_eval_loader(subset, cfg.data.batch_size, 0)
-        metrics = evaluate(teacher, loader, data.val, device=device, progress=False) or {}
+        # A DataLoader draws its base seed from the global RNG: keep the stream the trainer
+        # sees, so the adapters (and the auto weights) match those of a real run.
+        with torch.random.fork_rng(devices=[]):
+            metrics = evaluate(teacher, loader, data.val, device=device, progress=False) or {}
         teacher_map = float(metrics.get("mAP", 0.0))
         status = "OK" if teacher_map >= MIN_TEACHER_MAP else "FAIL"
         report.add(
