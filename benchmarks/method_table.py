@@ -110,6 +110,7 @@ def run_one(job: dict) -> dict:
         "weights": job["weights"],
         "chosen_weights": chosen,  # what "auto" weights became (equal to weights otherwise)
         "options": job["options"],
+        "row_overrides": job.get("row_overrides", []),
         "seed": job["seed"],
         **{k: metrics.get(k) for k in METRICS},
         "epochs": job["epochs"],
@@ -207,6 +208,9 @@ def main() -> None:
     parser.add_argument("--options", action="append", default=[], metavar="NAME:METHOD.KEY=V,...",
                         help="method options of a row, e.g. rm-prob:rm.score=prob (with --weights "
                              "rm-prob:rm=1)")  # fmt: skip
+    parser.add_argument("--row-set", dest="row_overrides", action="append", default=[],
+                        metavar="NAME:KEY=VALUE", help="config override for one row, e.g. "
+                        "pfi-r3:distill.auto_ratio=3 (with --weights pfi-r3:pfi=auto)")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="config override for every run"
@@ -224,6 +228,10 @@ def main() -> None:
     options = {
         name: parse_options(text) for name, _, text in (o.partition(":") for o in args.options)
     }
+    row_overrides: dict[str, list[str]] = {}
+    for item in args.row_overrides:
+        name, _, override = item.partition(":")
+        row_overrides.setdefault(name, []).append(override)
     unknown = sorted(set(args.methods) - set(weights))
     if unknown:
         sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(weights)}")
@@ -254,9 +262,11 @@ def main() -> None:
                     f"distill.teacher_checkpoint={teacher_dir / 'model.pt'}",
                     f"distill.methods={methods}",
                     f"distill.method_options={json.dumps(options.get(method, {}))}",
+                    *row_overrides.get(method, []),
                 ]
             jobs.append({"name": name, "method": method, "weights": weights[method],
                          "options": options.get(method, {}), "seed": seed,
+                         "row_overrides": row_overrides.get(method, []),
                          "preset": preset, "output_dir": str(out_dir), "overrides": overrides,
                          "epochs": None, "threads": threads})  # fmt: skip
     if args.jobs > 1:

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from detdistill.auto_weights import WeightError, choose_weights, measure_gradients, parse_weight
+from detdistill.auto_weights import (
+    DEFAULT_RATIOS,
+    WeightError,
+    choose_weights,
+    measure_gradients,
+    parse_weight,
+)
 from detdistill.distill import Distiller
 from detdistill.engine.config import ConfigError, load_config
 from detdistill.engine.metrics_log import read_metrics
@@ -26,7 +32,7 @@ def test_rule_on_a_hand_made_case():
       L_det = 3a + 4b        grad (3, 4) on {a, b}, (3) on {a} alone
       L_x   = a^2            reaches only a: grad 2a = 2, then 4  -> mean 3
       L_y   = 6a + 8b        grad (6, 8), norm 10 on {a, b}
-    auto, ratio 1: w_x = 3 / 3 = 1 (on {a}), w_y = 5 / 10 = 0.5; ratio 2 doubles both.
+    auto, ratio 1: w_x = 3 / 3 = 1 (on {a}), w_y = 5 / 10 = 0.5; ratio 2 doubles y's.
     A fixed weight keeps its value and reports the ratio it amounts to.
     """
     a = torch.nn.Parameter(torch.tensor(1.0))
@@ -42,13 +48,13 @@ def test_rule_on_a_hand_made_case():
     measured = measure_gradients([a, b], batches(), ["x", "y"])
     assert measured["x"] == pytest.approx((3.0, 3.0, 1))
     assert measured["y"] == pytest.approx((10.0, 5.0, 2))
-    chosen = choose_weights({"x": None, "y": None}, measured, ratio=1.0)
+    chosen = choose_weights({"x": None, "y": None}, measured, {"x": 1.0, "y": 1.0})
     assert chosen["x"].weight == pytest.approx(1.0) and chosen["x"].auto
     assert chosen["y"].weight == pytest.approx(0.5)
     assert chosen["x"].ratio == pytest.approx(1.0) and chosen["y"].ratio == pytest.approx(1.0)
-    doubled = choose_weights({"x": None, "y": None}, measured, ratio=2.0)
-    assert doubled["y"].weight == pytest.approx(1.0)
-    fixed = choose_weights({"x": 4.0, "y": None}, measured)
+    doubled = choose_weights({"x": None, "y": None}, measured, {"x": 1.0, "y": 2.0})
+    assert doubled["y"].weight == pytest.approx(1.0) and doubled["x"].weight == pytest.approx(1.0)
+    fixed = choose_weights({"x": 4.0, "y": None}, measured, {"x": 1.0, "y": 1.0})
     assert fixed["x"].weight == 4.0 and not fixed["x"].auto
     assert fixed["x"].ratio == pytest.approx(4.0 * 3.0 / 3.0)
     assert a.grad is None and b.grad is None  # measured with autograd.grad, nothing accumulated
@@ -61,7 +67,7 @@ def test_a_term_without_gradient_cannot_be_auto():
     with pytest.raises(
         WeightError, match="cannot choose an auto weight for 'rm'.*give it a number"
     ):
-        choose_weights({"rm": None}, measured)
+        choose_weights({"rm": None}, measured, {"rm": 1.0})
 
 
 @pytest.mark.parametrize("method", list_methods())
@@ -74,7 +80,9 @@ def test_distiller_balance_makes_each_gradient_ratio_the_target(method, one_thre
     targets = [{"boxes": t["boxes"].double(), "labels": t["labels"]} for t in targets]
     buffers = {k: v.clone() for k, v in distiller.student.named_buffers()}
     rng = torch.get_rng_state()
-    chosen = distiller.balance([(images, targets)], ratio=0.5)
+    kind = distiller.methods[method].imitates
+    target = {"features": 2.0, "outputs": 0.5}[kind]
+    chosen = distiller.balance([(images, targets)], {"features": 2.0, "outputs": 0.5})
     weight = chosen[method].weight
     assert distiller.weights[method] == weight and weight > 0 and math.isfinite(weight)
     assert not distiller.needs_balance
@@ -96,7 +104,7 @@ def test_distiller_balance_makes_each_gradient_ratio_the_target(method, one_thre
     det_norm = torch.linalg.vector_norm(
         torch.cat([det_grads[i].flatten() for i in reached if det_grads[i] is not None])
     )
-    assert float(term_norm / det_norm) == pytest.approx(0.5, rel=1e-6)
+    assert float(term_norm / det_norm) == pytest.approx(target, rel=1e-6)
 
 
 def test_forward_before_balance_says_what_to_do():
@@ -118,13 +126,29 @@ def test_bad_weights_are_one_line_errors_naming_the_method(bad):
     [
         ("distill.methods={rm: atuo}", "distill.methods.rm: expected float or one of 'auto', got str 'atuo' (did you mean 'auto'?)"),
         ("distill.methods.pfi=-2", "distill.methods: weights must be >= 0 or 'auto'"),
-        ("distill.auto_ratio=0", "distill.auto_ratio: must be > 0"),
+        ("distill.auto_ratio={outputs: 0}", "distill.auto_ratio: ratios must be > 0"),
+        ("distill.auto_ratio={feature: 3}", "(did you mean 'features'?)"),
     ],
 )  # fmt: skip
 def test_bad_weights_in_configs_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_preset_or_file("digits_distill", [override])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ratio_kinds_are_checked_and_default():
+    from detdistill.auto_weights import check_ratios
+
+    assert check_ratios({"outputs": 1}) == {**DEFAULT_RATIOS, "outputs": 1.0}
+    with pytest.raises(
+        WeightError, match="auto_ratio has no kind.*logits.*kinds are: features, outputs"
+    ):
+        check_ratios({"logits": 1.0})
+    with pytest.raises(WeightError, match="auto_ratio.features must be a finite number > 0"):
+        check_ratios({"features": float("inf")})
+    assert {m: type(Distiller(tiny(width=8), tiny(width=16), {m: 1.0}).methods[m]).imitates
+            for m in ("rm", "kd", "pfi", "fitnet")} == {
+        "rm": "outputs", "kd": "outputs", "pfi": "features", "fitnet": "features"}  # fmt: skip
 
 
 def test_config_accepts_auto_next_to_numbers():
@@ -166,7 +190,8 @@ def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
 
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["distill_weights"] == pytest.approx(chosen)
-    assert summary["balance"]["pfi"]["ratio"] == pytest.approx(1.0, rel=1e-4)
+    assert summary["balance"]["pfi"]["ratio"] == pytest.approx(DEFAULT_RATIOS["features"], rel=1e-4)
+    assert summary["balance"]["rm"]["ratio"] == pytest.approx(DEFAULT_RATIOS["outputs"], rel=1e-4)
     assert summary["balance"]["rm"]["auto"] is True
     records = [r for r in read_metrics(tmp_path / "s") if "distill_weight/rm" in r]
     assert len(records) == 1 and records[0]["distill_weight/rm"] == pytest.approx(chosen["rm"])

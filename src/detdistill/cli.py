@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "distill",
         help="train a student with a teacher checkpoint and the chosen methods",
         description="Runs the doctor's checks, then trains. Methods and weights come from "
-        "`distill.methods`, e.g. --set distill.methods='{rm: 4.0, pfi: 1.5}'.",
+        "`distill.methods`, e.g. --set distill.methods='{rm: auto, pfi: auto}' (weights "
+        "measured on the first batches, printed and saved in summary.json) or "
+        "--set distill.methods='{rm: 4.0, pfi: 1.5}'.",
         epilog=_epilog(),
     )
     _add_config_args(p)

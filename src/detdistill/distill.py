@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from detdistill.auto_weights import (
-    DEFAULT_RATIO,
     Batch,
     TermBalance,
+    check_ratios,
     choose_weights,
     measure_gradients,
     parse_weight,
@@ -207,17 +207,21 @@ class Distiller(nn.Module):
             self.weights[name] = parse_weight(name, weight)
 
     def balance(
-        self, batches: Iterable[Batch], ratio: float = DEFAULT_RATIO
+        self, batches: Iterable[Batch], ratios: Mapping[str, float] | None = None
     ) -> dict[str, TermBalance]:
         """Choose every ``auto`` weight from gradients on ``batches``; report every term.
 
-        ``w_m = ratio * ||grad L_det|| / ||grad L_m||`` on the student
-        parameters that term ``m`` reaches, averaged over the batches (the rule
-        and why: :mod:`detdistill.auto_weights`). Fixed weights are kept and
-        reported with the gradient ratio they amount to. Nothing is trained:
-        gradients come from ``torch.autograd.grad``, and the student's buffers
-        and the RNG state are restored.
+        ``w_m = r_m * ||grad L_det|| / ||grad L_m||`` on the student
+        parameters that term ``m`` reaches, averaged over the batches, with
+        ``r_m = ratios[kind]`` for the kind of term ``m`` (``"features"`` or
+        ``"outputs"``; missing kinds take
+        :data:`~detdistill.auto_weights.DEFAULT_RATIOS`). The rule and why:
+        :mod:`detdistill.auto_weights`. Fixed weights are kept and reported
+        with the gradient ratio they amount to. Nothing is trained: gradients
+        come from ``torch.autograd.grad``, and the student's buffers and the
+        RNG state are restored.
         """
+        by_kind = check_ratios(ratios or {})
         names = list(self.methods)
         params = [p for p in self.student.parameters() if p.requires_grad]
 
@@ -230,7 +234,8 @@ class Distiller(nn.Module):
 
         with preserved_state(self.student):
             measured = measure_gradients(params, terms(), names)
-        chosen = choose_weights(self.weights, measured, ratio)
+        term_ratios = {name: by_kind[method.imitates] for name, method in self.methods.items()}
+        chosen = choose_weights(self.weights, measured, term_ratios)
         for name in self.auto_methods:
             self.weights[name] = chosen[name].weight
         return chosen

@@ -37,6 +37,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from detdistill.auto_weights import DEFAULT_RATIOS
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -80,6 +82,7 @@ _NON_EMPTY = _check(lambda v: len(v) > 0, "must not be empty")
 _WEIGHTS = _check(
     lambda v: all(w == "auto" or w >= 0 for w in v.values()), "weights must be >= 0 or 'auto'"
 )
+_RATIOS = _check(lambda v: all(r > 0 for r in v.values()), "ratios must be > 0")
 _DEVICE = _check(
     lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
     "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
@@ -156,8 +159,9 @@ class DistillConfig:
     """Teacher and distillation terms; ``methods`` maps method name to loss weight.
 
     A weight may be ``auto``: chosen before the first step so that the term's
-    gradient on the student parameters it reaches is ``auto_ratio`` times the
-    detection loss's, measured on the first ``auto_batches`` batches
+    gradient on the student parameters it reaches is ``auto_ratio[kind]`` times
+    the detection loss's, measured on the first ``auto_batches`` batches; the
+    kind is ``features`` or ``outputs``, what the method imitates
     (:mod:`detdistill.auto_weights`). ``teacher_model`` may be left out: the
     teacher checkpoint stores its own config, which is the safest description
     of the weights it holds.
@@ -168,7 +172,9 @@ class DistillConfig:
     methods: dict[str, float | Literal["auto"]] = field(
         default_factory=lambda: {"rm": "auto", "pfi": "auto"}, metadata=_WEIGHTS
     )
-    auto_ratio: float = field(default=1.0, metadata=_POSITIVE)
+    auto_ratio: dict[Literal["features", "outputs"], float] = field(
+        default_factory=lambda: dict(DEFAULT_RATIOS), metadata=_RATIOS
+    )
     auto_batches: int = field(default=4, metadata=_POSITIVE)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_half: bool = False

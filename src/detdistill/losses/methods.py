@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,15 @@ class DistillBatch:
 
 
 class DistillMethod(nn.Module):
-    """A distillation term; subclasses implement ``forward(batch) -> scalar``."""
+    """A distillation term; subclasses implement ``forward(batch) -> scalar``.
+
+    ``imitates`` says what the term compares: ``"features"`` (neck features;
+    the head is never reached) or ``"outputs"`` (the head's predictions). An
+    ``auto`` weight uses the target ratio of that kind
+    (:data:`detdistill.auto_weights.DEFAULT_RATIOS`).
+    """
+
+    imitates: ClassVar[Literal["features", "outputs"]] = "features"
 
     def forward(self, batch: DistillBatch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -170,6 +178,8 @@ class RankMimicking(DistillMethod):
     "topk" (the ``topk`` anchors of highest IoU with the object, see
     :meth:`DistillBatch.top_iou_candidates`).
     """
+
+    imitates = "outputs"
 
     def __init__(
         self,
@@ -259,6 +269,8 @@ class PredictionGuidedImitation(DistillMethod):
 @register_method("kd")
 class SoftLabelKD(DistillMethod):
     """Soft-label distillation over every anchor's class probabilities (Hinton et al., 2015)."""
+
+    imitates = "outputs"
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
