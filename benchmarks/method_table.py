@@ -216,6 +216,8 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], help="config override for every run"
     )
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: 1 with --jobs > 1, else all cores)")  # fmt: skip
     parser.add_argument(
         "--out", default=None, help="default: benchmarks/results/<preset>_methods.json"
     )
@@ -237,7 +239,7 @@ def main() -> None:
         sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(weights)}")
 
     workdir = Path(args.workdir)
-    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    threads = args.threads or (1 if args.jobs > 1 else (os.cpu_count() or 1))
     teacher_dir = workdir / "teacher"
     teacher_job = {
         "name": "teacher", "method": "teacher", "weights": {}, "options": {}, "seed": 0, "preset": teacher_preset,

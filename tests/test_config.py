@@ -86,7 +86,7 @@ def test_overrides_set_nested_values_and_keep_the_rest(tmp_path: Path) -> None:
     )
     assert cfg.train.lr == 0.02
     assert cfg.distill is not None
-    assert cfg.distill.methods == {"rm": 4.0, "pfi": 1.5, "kd": 1.0}
+    assert cfg.distill.methods == {"rm": 4.0, "pfi": "auto", "kd": 1.0}
     assert cfg.distill.method_options == {"rm": {"temperature": 2.0}}
     assert cfg.model.levels == [3, 4, 5, 6, 7]
     assert cfg.train.max_steps == 5 and cfg.train.grad_clip is None
@@ -105,7 +105,7 @@ def test_overrides_can_enable_a_null_section_in_any_order() -> None:
     assert cfg.distill == DistillConfig(
         teacher_checkpoint="teacher.pt",
         teacher_model=ModelConfig(backbone="resnet18"),
-        methods={"rm": 4.0, "pfi": 1.5, "kd": 1.0},
+        methods={"rm": "auto", "pfi": "auto", "kd": 1.0},
     )
     assert apply_overrides(cfg, ["distill=null"]).distill is None
 
@@ -183,7 +183,7 @@ def test_the_presets_named_in_the_docs_exist_and_say_what_they_claim() -> None:
     assert coco.model.backbone == "resnet50" and coco.model.levels == [3, 4, 5, 6, 7]
     assert coco.train.epochs == 24 and coco.train.milestones == [16, 22]
     assert coco.train.lr == 0.01 and coco.train.schedule == "step"
-    assert coco.distill is not None and coco.distill.methods == {"rm": 4.0, "pfi": 1.5}
+    assert coco.distill is not None and coco.distill.methods == {"rm": "auto", "pfi": "auto"}
     assert coco.distill.teacher_model is None  # read from the teacher checkpoint
     teacher = load_config(CONFIGS / "coco_retinanet_r101.yaml")
     assert teacher.model.backbone == "resnet101" and teacher.model.levels == coco.model.levels
@@ -265,7 +265,7 @@ def test_wrong_type_names_key_expected_and_got() -> None:
     assert "data.multiscale: expected list[int], got int 5" in error_of(
         apply_overrides, Config(), ["data.multiscale=5"]
     )
-    assert "distill.methods.rm: expected float, got str 'high'" in error_of(
+    assert "distill.methods.rm: expected float or one of 'auto', got str 'high'" in error_of(
         apply_overrides, Config(), ["distill.teacher_checkpoint=t", "distill.methods.rm=high"]
     )
     assert "distill.teacher_model.num_classes: expected int" in error_of(
