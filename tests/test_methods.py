@@ -101,11 +101,12 @@ def test_rm_method_gathers_each_instance_class_logit():
     t = torch.stack([flat_t[n, a, k] for n, a, k, _ in rows])
     ids = torch.tensor([row[3] for row in rows])
     expected = rank_mimicking_loss(s, t, ids, 2.0)
-    assert build_method("rm", temperature=2.0)(batch).item() == pytest.approx(
-        expected.item(), rel=1e-6
-    )
+    assert build_method("rm", temperature=2.0, candidates="positives")(
+        batch
+    ).item() == pytest.approx(expected.item(), rel=1e-6)
     prob = rank_mimicking_loss(s.sigmoid(), t.sigmoid(), ids)
-    assert build_method("rm", score="prob")(batch).item() == pytest.approx(prob.item(), rel=1e-6)
+    positives_prob = build_method("rm", score="prob", candidates="positives")(batch)
+    assert positives_prob.item() == pytest.approx(prob.item(), rel=1e-6)
     assert torch.isfinite(build_method("rm", score="quality")(batch))
 
 
