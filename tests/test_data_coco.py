@@ -1,4 +1,4 @@
-"""CocoDetection: the sample format, class mapping, and every bad-input case of SPEC 4."""
+"""CocoDetection: the sample format, class mapping, and every bad-input case a loader must count."""
 
 from __future__ import annotations
 

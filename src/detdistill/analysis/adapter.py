@@ -1,6 +1,6 @@
 """A least-squares 1x1 convolution from student to teacher features.
 
-Why: the feature difference D of SPEC 2.2 compares ``phi(F^s)`` with ``F^t``,
+Why: PFI's feature difference D compares ``phi(F^s)`` with ``F^t``,
 and ``phi`` (the trained adapter) is not saved in a student's ``model.pt``.
 When the channel counts differ, the analysis therefore fits the best linear
 map it can, per level: a 1x1 conv is a channel-wise linear regression, fitted

@@ -4,7 +4,7 @@ As in :class:`detdistill.distill.Distiller`, the student's transform builds the
 batch and the teacher runs on that same tensor, so both networks see identical
 pixels and their anchors, levels and locations correspond one to one.
 Candidates are the anchors the *student's* assigner makes positive for each
-ground truth (SPEC 2.1). The student runs in eval mode (BatchNorm statistics,
+ground truth (RM's candidates). The student runs in eval mode (BatchNorm statistics,
 no dropout) but with targets, which is what makes its assigner run.
 
 Scores are the detector's own ``class_scores`` (sigmoid, or sqrt(cls *

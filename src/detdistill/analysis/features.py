@@ -1,9 +1,9 @@
 """Where teacher and student features differ versus where their predictions differ.
 
-Observation 2 of Li et al. (AAAI 2022, SPEC section 1): the locations with the
+Observation 2 of Li et al. (AAAI 2022): the locations with the
 largest feature difference ``D`` are not the ones with the largest prediction
 difference ``P``, so imitating every location equally wastes effort. Both maps
-use the definitions of SPEC 2.2 (through :func:`detdistill.losses.feature_difference`
+use PFI's definitions (docs/methods.md) (through :func:`detdistill.losses.feature_difference`
 and :func:`detdistill.losses.prediction_difference`), and their agreement per
 FPN level is measured by the Pearson correlation over all analysed locations
 (Spearman alongside, since both maps are heavy-tailed).

@@ -1,6 +1,6 @@
 """How differently teacher and student rank the candidate boxes of each object.
 
-Observation 1 of Li et al. (AAAI 2022, SPEC section 1): the precision gap
+Observation 1 of Li et al. (AAAI 2022): the precision gap
 comes from the *order* in which the two networks score an object's candidates
 (which box survives NMS), not from the absolute scores. Rank correlations per
 ground-truth instance measure exactly that order, so they are invariant to any

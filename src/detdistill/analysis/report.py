@@ -2,7 +2,7 @@
 
 Written for a user deciding whether Rank Mimicking and Prediction-guided
 Feature Imitation have something to fix in *their* teacher/student pair: each
-section restates the paper's observation (SPEC section 1), shows the
+section restates the paper's observation (Li et al., AAAI 2022), shows the
 measurement and says how to read it.
 """
 
@@ -129,7 +129,7 @@ def render_report(
         "equally spends effort where it does not change the output; Prediction-guided Feature "
         "Imitation weights the imitation by P instead. Per FPN level: D = mean over channels of "
         "(adapted student feature - teacher feature)², P = mean over anchors and classes of "
-        "(teacher probability - student probability)² (SPEC 2.2), on the valid (unpadded) region.",
+        "(teacher probability - student probability)² (PFI's P, docs/methods.md), on the valid (unpadded) region.",
         "",
         adapter_note,
         "",

@@ -2,7 +2,7 @@
 
 Why not ``torchvision.datasets.CocoDetection``: it trusts the JSON. Here a
 schema violation is an error naming the file and the field, and every box or
-annotation that has to be dropped or clipped is counted by kind (SPEC 4).
+annotation that has to be dropped or clipped is counted by kind.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Counted, reported data problems: what was dropped, clipped or skipped, and why.
 
-Why: SPEC 4 forbids silent data loss. Every repair a loader makes (dropping a
+Why: silent data loss is never acceptable. Every repair a loader makes (dropping a
 zero-size box, clipping a box to the image, skipping an unreadable file) is
 counted here by kind, with a few examples, so that the CLI can print it and the
 loader can log it once per data set instead of once per box.

@@ -1,4 +1,4 @@
-"""COCO box metrics from pycocotools' COCOeval: never a hand-written AP (SPEC 3).
+"""COCO box metrics from pycocotools' COCOeval: never a hand-written AP.
 
 Why a wrapper: COCOeval prints, crashes on an empty result list, mutates the
 dicts it is given and ignores detections of unknown categories silently. Here

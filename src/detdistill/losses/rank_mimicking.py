@@ -1,4 +1,4 @@
-"""Rank Mimicking (RM), Li et al., AAAI 2022, SPEC section 2.1."""
+"""Rank Mimicking (RM), Li et al., AAAI 2022; formulas in docs/methods.md."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def rank_mimicking_loss(
 
     Source: Li et al., "Knowledge Distillation for Object Detection via Rank
     Mimicking and Prediction-guided Feature Imitation", AAAI 2022, eq. for L_RM
-    (SPEC 2.1). No ``T**2`` factor is applied, as in the paper.
+    No ``T**2`` factor is applied, as in the paper.
 
     The softmax is a segment softmax over ``instance_ids`` (one pass for the
     whole batch, no loop over instances), so only the relative order of an

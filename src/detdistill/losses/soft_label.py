@@ -1,4 +1,4 @@
-"""Soft-label distillation on sigmoid classification heads (baseline ``kd``, SPEC 2.4)."""
+"""Soft-label distillation on sigmoid classification heads (baseline ``kd``)."""
 
 from __future__ import annotations
 
