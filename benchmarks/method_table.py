@@ -133,6 +133,7 @@ def summarise(rows: list[dict], teacher: dict | None) -> list[dict]:
         entry = {
             "method": method,
             "weights": runs[0]["weights"],
+            "options": runs[0].get("options") or {},
             "runs": len(values),
             "mAP_mean": mean,
             "mAP_std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -156,7 +157,10 @@ def markdown(table: list[dict], teacher: dict | None) -> str:
             f"| teacher | | {100 * teacher['mAP']:.1f} | {100 * teacher['AP50']:.1f} | | | 1 |"
         )
     for t in table:
-        weights = format_weights(t["weights"])
+        weights = format_weights(t["weights"]) + "".join(
+            f" ({m}: " + ", ".join(f"{k}={v}" for k, v in o.items()) + ")"
+            for m, o in t.get("options", {}).items()
+        )
         gain = f"{100 * t['gain']:+.1f}" if t["method"] != "none" and "gain" in t else ""
         closed = (
             f"{100 * t['gap_closed']:.0f}%"

@@ -70,5 +70,5 @@ def test_a_finished_table_is_not_trained_again(tmp_path):
     assert [r["mAP"] for r in second["runs"]] == [r["mAP"] for r in first["runs"]]
     assert (
         out.with_suffix(".png").is_file()
-        and "| rm-prob | rm 1 |" in out.with_suffix(".md").read_text()
+        and "| rm-prob | rm 1 (rm: score=prob) |" in out.with_suffix(".md").read_text()
     )
