@@ -72,17 +72,10 @@ class WeightError(ValueError):
 
 def parse_weight(name: str, weight: Any) -> float | None:
     """A method's weight as a float, or ``None`` for ``"auto"``; anything else is a one-line error."""
-    if isinstance(weight, str):
-        if weight.strip().lower() == AUTO:
-            return None
-        raise WeightError(
-            f"weight of method {name!r} must be a number >= 0 or 'auto', got {weight!r}"
-        )
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise WeightError(
-            f"weight of method {name!r} must be a number >= 0 or 'auto', got {weight!r}"
-        )
-    if not math.isfinite(weight) or weight < 0:
+    if isinstance(weight, str) and weight.strip().lower() == AUTO:
+        return None
+    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    if not (number and math.isfinite(weight) and weight >= 0):
         raise WeightError(
             f"weight of method {name!r} must be a number >= 0 or 'auto', got {weight!r}"
         )
@@ -115,6 +108,7 @@ class TermBalance:
 
 
 def _mean_across_processes(values: Tensor) -> Tensor:
+    """Mean over ranks (``values`` on the model's device, which NCCL needs); as is without DDP."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         values = values.clone()
         torch.distributed.all_reduce(values)
@@ -132,7 +126,8 @@ def measure_gradients(
     ``terms_per_batch`` yields, per batch, the detection loss and the
     unweighted distillation terms, all with their graphs.
     """
-    sums = torch.zeros(2 * len(names), dtype=torch.float64)
+    device = student_params[0].device if student_params else torch.device("cpu")
+    sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
     shared = dict.fromkeys(names, 0)
     batches = 0
     for detection, terms in terms_per_batch:

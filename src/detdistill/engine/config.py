@@ -37,7 +37,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from detdistill.auto_weights import DEFAULT_RATIOS
+from detdistill.auto_weights import DEFAULT_BATCHES, DEFAULT_RATIOS
 
 __all__ = [
     "Config",
@@ -175,7 +175,7 @@ class DistillConfig:
     auto_ratio: dict[Literal["features", "outputs"], float] = field(
         default_factory=lambda: dict(DEFAULT_RATIOS), metadata=_RATIOS
     )
-    auto_batches: int = field(default=4, metadata=_POSITIVE)
+    auto_batches: int = field(default=DEFAULT_BATCHES, metadata=_POSITIVE)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_half: bool = False
 
