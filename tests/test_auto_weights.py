@@ -156,17 +156,22 @@ def test_config_accepts_auto_next_to_numbers():
     assert cfg.distill.methods == {"rm": "auto", "pfi": 3.0}
 
 
-def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
-    """Chosen once, written to summary.json, metrics.jsonl and the state; a resume reuses them."""
-    common = [*TINY, f"data.root={tmp_path / 'data'}", "train.epochs=1"]
+def tiny_distill_config(tmp_path, methods: str, *extra: str):
+    """A tiny teacher trained for one epoch, and a distillation config for a tinier student."""
+    common = [*TINY, f"data.root={tmp_path / 'data'}", "train.epochs=1", *extra]
     run(load_config(preset_path("digits_teacher"), [*common, f"output_dir={tmp_path / 't'}"]),
         show_progress=False)  # fmt: skip
-    cfg = load_config(
+    return load_config(
         preset_path("digits_distill"),
         [*common, f"output_dir={tmp_path / 's'}", "model.backbone_kwargs={width: 2, depth: 1}",
          f"distill.teacher_checkpoint={tmp_path / 't' / 'model.pt'}",
-         "distill.methods={rm: auto, pfi: auto}", "distill.auto_batches=2"],
+         f"distill.methods={methods}", "distill.auto_batches=2"],
     )  # fmt: skip
+
+
+def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
+    """Chosen once, written to summary.json, metrics.jsonl and the state; a resume reuses them."""
+    cfg = tiny_distill_config(tmp_path, "{rm: auto, pfi: auto}")
     first = Trainer(cfg, show_progress=False)
     original = Trainer.train_step
 
@@ -201,15 +206,7 @@ def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
 def test_doctor_shows_the_weights_training_chooses(tmp_path):
     from detdistill.engine.doctor import run_doctor
 
-    common = [*TINY, f"data.root={tmp_path / 'data'}", "train.epochs=1", "train.max_steps=1"]
-    run(load_config(preset_path("digits_teacher"), [*common, f"output_dir={tmp_path / 't'}"]),
-        show_progress=False)  # fmt: skip
-    cfg = load_config(
-        preset_path("digits_distill"),
-        [*common, f"output_dir={tmp_path / 's'}", "model.backbone_kwargs={width: 2, depth: 1}",
-         f"distill.teacher_checkpoint={tmp_path / 't' / 'model.pt'}",
-         "distill.methods={rm: 2.0, pfi: auto}", "distill.auto_batches=2"],
-    )  # fmt: skip
+    cfg = tiny_distill_config(tmp_path, "{rm: 2.0, pfi: auto}", "train.max_steps=1")
     run(cfg, show_progress=False)
     chosen = json.loads((tmp_path / "s" / "summary.json").read_text())["distill_weights"]
     report = run_doctor(cfg).render()
