@@ -39,18 +39,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, overrides: list[str], out: str) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, overrides: list[str], out: str, preset: str
+) -> None:
+    """One torchrun-like rank: trains, then saves its weights (and its distillation weights)."""
     os.environ.update(torchrun_env(rank, world_size, port))
     torch.set_num_threads(1)
     from detdistill.engine.distributed import cleanup
     from detdistill.engine.trainer import Trainer
 
     try:
-        trainer = Trainer(
-            load_config(preset_path("digits_teacher"), overrides), show_progress=False
-        )
+        trainer = Trainer(load_config(preset_path(preset), overrides), show_progress=False)
         trainer.fit()
         torch.save(trainer.model.state_dict(), Path(out) / f"rank{rank}.pt")
+        if trainer.distiller is not None:
+            torch.save(dict(trainer.distiller.weights), Path(out) / f"weights{rank}.pt")
     finally:
         cleanup()
 
@@ -59,7 +62,9 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path):
     data = f"data.root={tmp_path / 'data'}"
     ddp = [*OVERRIDES, data, "data.batch_size=2", f"output_dir={tmp_path / 'ddp'}"]
     single = [*OVERRIDES, data, "data.batch_size=4", f"output_dir={tmp_path / 'single'}"]
-    mp.spawn(_worker, args=(2, _free_port(), ddp, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        _worker, args=(2, _free_port(), ddp, str(tmp_path), "digits_teacher"), nprocs=2, join=True
+    )
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key, value in rank0.items():
@@ -77,22 +82,6 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path):
     assert a["metrics"]["mAP"] == pytest.approx(b["metrics"]["mAP"], abs=1e-6)
 
 
-def _distill_worker(rank: int, world_size: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(torchrun_env(rank, world_size, port))
-    torch.set_num_threads(1)
-    from detdistill.engine.distributed import cleanup
-    from detdistill.engine.trainer import Trainer
-
-    try:
-        trainer = Trainer(
-            load_config(preset_path("digits_distill"), overrides), show_progress=False
-        )
-        assert trainer.fit().status == "max_steps"
-        torch.save(dict(trainer.distiller.weights), Path(out) / f"weights{rank}.pt")
-    finally:
-        cleanup()
-
-
 def test_auto_weights_are_measured_on_every_rank_and_agree(tmp_path: Path):
     """Each rank measures on its own batches; the averaged norms give every rank one weight."""
     from detdistill.engine.trainer import run
@@ -106,7 +95,12 @@ def test_auto_weights_are_measured_on_every_rank_and_agree(tmp_path: Path):
                "model.backbone_kwargs={width: 2, depth: 1}", "train.max_steps=2",
                f"distill.teacher_checkpoint={tmp_path / 't' / 'model.pt'}",
                "distill.methods={rm: auto, pfi: auto}", "distill.auto_batches=1"]  # fmt: skip
-    mp.spawn(_distill_worker, args=(2, _free_port(), student, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        _worker,
+        args=(2, _free_port(), student, str(tmp_path), "digits_distill"),
+        nprocs=2,
+        join=True,
+    )
     w0 = torch.load(tmp_path / "weights0.pt")
     w1 = torch.load(tmp_path / "weights1.pt")
     assert w0 == w1 and set(w0) == {"rm", "pfi"} and all(v > 0 for v in w0.values())
