@@ -31,6 +31,15 @@ def collate_fn(
     return list(images), list(targets)
 
 
+def batch_to_device(
+    images: list[Tensor], targets: list[dict[str, Any]], device: torch.device | str
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """A collated batch on ``device``; non-tensor target fields (ids, names) stay as they are."""
+    return [image.to(device, non_blocking=True) for image in images], [
+        {k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets
+    ]
+
+
 def _seed_worker(worker_id: int) -> None:
     """Seed ``random`` and NumPy from the worker's torch seed (itself derived from the loader's)."""
     seed = torch.initial_seed() % 2**32

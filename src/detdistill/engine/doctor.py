@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Subset
 
 from detdistill.auto_weights import format_balance
+from detdistill.data.loader import batch_to_device, collate_fn
 from detdistill.distill import Distiller, IncompatibleModelsError
 from detdistill.engine.builders import build_datasets, build_eval_loader, build_model, load_detector
 from detdistill.engine.checkpoint import CheckpointError
@@ -128,13 +129,7 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
 def _check_weights(report, cfg, train_set, distiller, device) -> None:
     """Each term's weight (auto ones chosen as training will) and its gradient ratio."""
     batches = (
-        (
-            [img.to(device) for img in images],
-            [
-                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-                for t in targets
-            ],
-        )
+        batch_to_device(images, targets, device)
         for images, targets in first_training_batches(
             train_set, cfg.data.batch_size, cfg.seed, cfg.distill.auto_batches
         )
@@ -152,11 +147,7 @@ def _check_weights(report, cfg, train_set, distiller, device) -> None:
 def _check_step_zero(report, cfg, train_set, student, teacher, distiller, device) -> None:
     """Shapes per level and every loss term's size on one batch, without an optimiser step."""
     batch = [train_set[i] for i in range(min(cfg.data.batch_size, len(train_set)))]
-    images = [img.to(device) for img, _ in batch]
-    targets = [
-        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-        for _, t in batch
-    ]
+    images, targets = batch_to_device(*collate_fn(batch), device)
     torch.manual_seed(cfg.seed)
     student.train()
     with torch.no_grad():

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from detdistill.auto_weights import format_balance
 from detdistill.data import collate_fn
+from detdistill.data.loader import batch_to_device
 from detdistill.distill import Distiller
 from detdistill.engine.builders import (
     DataSplits,
@@ -267,16 +268,6 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _to_device(
-        self, images: list[Tensor], targets: list[dict[str, Any]]
-    ) -> tuple[list[Tensor], list[dict[str, Any]]]:
-        images = [img.to(self.device, non_blocking=True) for img in images]
-        targets = [
-            {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in t.items()}
-            for t in targets
-        ]
-        return images, targets
-
     def choose_auto_weights(self, logger: MetricsLogger) -> None:
         """Measure on the run's first batches and fix every ``auto`` weight (once per run).
 
@@ -288,7 +279,7 @@ class Trainer:
         assert self.distiller is not None and self.cfg.distill is not None
         start = time.perf_counter()
         batches = (
-            self._to_device(images, targets)
+            batch_to_device(images, targets, self.device)
             for images, targets in first_training_batches(
                 self.data.train,
                 self.cfg.data.batch_size,
@@ -329,7 +320,7 @@ class Trainer:
     def train_step(
         self, images: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        images, targets = self._to_device(images, targets)
+        images, targets = batch_to_device(images, targets, self.device)
         losses = self.losses(images, targets)
         total = sum(losses.values())
         if not torch.isfinite(total):
