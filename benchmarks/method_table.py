@@ -214,7 +214,7 @@ def main() -> None:
                              "rm-prob:rm=1)")  # fmt: skip
     parser.add_argument("--row-set", dest="row_overrides", action="append", default=[],
                         metavar="NAME:KEY=VALUE", help="config override for one row, e.g. "
-                        "pfi-r3:distill.auto_ratio=3 (with --weights pfi-r3:pfi=auto)")  # fmt: skip
+                        "pfi-r30:distill.auto_ratio={features: 30, outputs: 0.3} (with --weights pfi-r30:pfi=auto)")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="config override for every run"

@@ -24,7 +24,7 @@ from detdistill.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from detdistill.engine.config import Config, config_from_dict, config_to_dict
+from detdistill.engine.config import Config, ConfigError, config_from_dict, config_to_dict
 
 
 def small_model() -> nn.Module:
@@ -319,3 +319,27 @@ def test_config_in_payload_is_plain(tmp_path: Path) -> None:
     payload = make_weights_payload({}, config_to_dict(Config()), ["a"], 0, 0)
     path = save_checkpoint(tmp_path / "m.pt", payload)
     assert config_from_dict(load_checkpoint(path)["config"]) == Config()
+
+
+def test_a_detector_loads_whatever_its_training_sections_say(
+    tmp_path: Path, tiny_checkpoint
+) -> None:
+    """Only ``data`` and ``model`` rebuild a detector: a changed distill schema must not lock it out."""
+    from detdistill.engine.builders import load_detector
+
+    payload = load_checkpoint(tiny_checkpoint)
+    payload["config"]["distill"] = {"teacher_checkpoint": "t.pt", "auto_ratio": 10.0}
+    payload["config"]["train"]["no_longer_a_key"] = 1
+    old = save_checkpoint(tmp_path / "old.pt", payload)
+    with pytest.raises(ConfigError, match="no_longer_a_key"):
+        config_from_dict(payload["config"])
+    loaded, reference = load_detector(old), load_detector(tiny_checkpoint)
+    assert loaded.image_size == reference.image_size == payload["config"]["data"]["image_size"]
+    for (name, a), (_, b) in zip(
+        loaded.model.state_dict().items(), reference.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+    payload["config"]["model"]["num_classes"] = "six"
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        load_detector(save_checkpoint(tmp_path / "bad.pt", payload))

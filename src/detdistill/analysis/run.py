@@ -31,7 +31,7 @@ from detdistill.data import (
 )
 from detdistill.distill import check_compatible
 from detdistill.engine.builders import LoadedModel, build_datasets, build_eval_loader, load_detector
-from detdistill.engine.config import ConfigError, config_from_dict
+from detdistill.engine.config import ConfigError
 from detdistill.engine.distributed import resolve_device
 
 __all__ = ["run_analysis"]
@@ -59,8 +59,7 @@ def _dataset(
     if data is None:
         if images is not None:
             raise ConfigError("--images needs --data (a COCO annotation file)")
-        cfg = config_from_dict(student.payload["config"])
-        dataset = build_datasets(cfg.data, train=False).val
+        dataset = build_datasets(student.data, train=False).val
         return dataset, "the student's validation set (from its saved config)"
     transforms = build_transforms(False, student.image_size)
     if data_format == "voc":

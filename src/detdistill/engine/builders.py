@@ -24,7 +24,7 @@ from detdistill.data import (
     make_embedded,
 )
 from detdistill.engine.checkpoint import load_checkpoint, load_state_dict_strict
-from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, config_from_dict
+from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, config_section
 from detdistill.engine.distributed import get_rank, get_world_size
 from detdistill.engine.sampling import ResumableBatchSampler
 from detdistill.models import build_detector
@@ -143,10 +143,11 @@ class LoadedModel:
     model: nn.Module
     class_names: list[str]
     payload: dict[str, Any]
+    data: DataConfig
 
     @property
     def image_size(self) -> int:
-        return int(self.payload["config"]["data"]["image_size"])
+        return self.data.image_size
 
 
 def load_detector(
@@ -156,7 +157,8 @@ def load_detector(
 ) -> LoadedModel:
     """A detector rebuilt from a ``model.pt`` (its own saved config unless one is given), loaded strictly."""
     payload = load_checkpoint(checkpoint, map_location=map_location)
-    saved = config_from_dict(payload["config"])
-    model = build_model(model_cfg or saved.model, saved.data.image_size, pretrained=False)
+    data = config_section(payload["config"], "data")
+    model_cfg = model_cfg or config_section(payload["config"], "model")
+    model = build_model(model_cfg, data.image_size, pretrained=False)
     load_state_dict_strict(model, payload["model"], f"detector weights in {checkpoint}")
-    return LoadedModel(model, list(payload["class_names"]), payload)
+    return LoadedModel(model, list(payload["class_names"]), payload, data)

@@ -48,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
+    "config_section",
     "config_to_dict",
     "dump_config",
     "load_config",
@@ -461,6 +462,19 @@ def _read_preset(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build and check a :class:`Config` from a plain mapping (e.g. a checkpoint's)."""
     return _convert(data, Config, "")
+
+
+def config_section(data: Mapping[str, Any], name: Literal["data", "model"]) -> Any:
+    """One checked section of a saved config: what rebuilding a detector needs.
+
+    A checkpoint is loaded through its ``data`` and ``model`` sections only, so
+    that a change to the training or distillation settings never makes an
+    older ``model.pt`` unloadable.
+    """
+    section = {"data": DataConfig, "model": ModelConfig}[name]
+    if name not in data:
+        raise ConfigError(f"the saved config has no {name!r} section", name)
+    return _convert(data[name], section, name)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

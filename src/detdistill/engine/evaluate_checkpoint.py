@@ -8,7 +8,6 @@ from typing import Any
 
 from detdistill.data import CocoDetection, VOCDetection, build_transforms
 from detdistill.engine.builders import build_datasets, build_eval_loader, load_detector
-from detdistill.engine.config import config_from_dict
 from detdistill.engine.distributed import resolve_device
 from detdistill.evaluation import evaluate
 
@@ -40,8 +39,7 @@ def evaluate_checkpoint(
     model = loaded.model.to(torch_device)
     transforms = build_transforms(False, loaded.image_size)
     if data is None:
-        saved = config_from_dict(loaded.payload["config"])
-        dataset = build_datasets(saved.data, train=False).val
+        dataset = build_datasets(loaded.data, train=False).val
         name = "val"
     elif data_format == "voc":
         dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)
