@@ -12,6 +12,7 @@ from detdistill.losses import (
     list_methods,
     rank_mimicking_loss,
 )
+from detdistill.models.output import DetectorOutput
 
 NUM_CLASSES = 3
 NUM_ANCHORS = 2
@@ -51,36 +52,52 @@ def make_batch(equal: bool = False, seed: int = 0) -> DistillBatch:
     matched[[0, 1, 3, 9]] = 0
     matched[[5, 6, 39]] = 1
     matched[[2]] = -2
-    return DistillBatch(
-        student_feats=student_feats,
-        teacher_feats=teacher_feats,
-        student_logits=student_logits,
-        teacher_logits=teacher_logits,
+    sizes = [(32, 32)] * n
+    regression = [torch.zeros(n, 4 * NUM_ANCHORS, h, w) for h, w in SHAPES]
+    student = DetectorOutput(
+        features=student_feats,
+        cls_logits=student_logits,
+        bbox_regression=regression,
+        quality=student_quality,
         anchors=[anchors, anchors],
-        gt_boxes=gt_boxes,
-        gt_labels=gt_labels,
+        image_sizes=sizes,
         matched_idxs=[matched, torch.full((r,), -1, dtype=torch.long)],
-        num_anchors=NUM_ANCHORS,
-        num_classes=NUM_CLASSES,
-        student_quality=student_quality,
-        teacher_quality=teacher_quality,
     )
+    teacher = DetectorOutput(
+        features=teacher_feats,
+        cls_logits=teacher_logits,
+        bbox_regression=regression,
+        quality=teacher_quality,
+        anchors=[anchors, anchors],
+        image_sizes=sizes,
+    )
+    targets = [
+        {"boxes": boxes, "labels": labels}
+        for boxes, labels in zip(gt_boxes, gt_labels, strict=True)
+    ]
+    return DistillBatch(student, teacher, student_feats, targets, torch.zeros(n, 3, 32, 32))
 
 
 def test_registry_lists_the_spec_methods():
-    assert set(list_methods()) >= {"rm", "pfi", "kd", "fitnet", "fgfi", "defeat", "scorel2"}
+    assert set(list_methods()) >= {
+        "rm", "pfi", "kd", "fitnet", "fgfi", "defeat", "scorel2", "pkd", "crosskd",
+    }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list_methods())
+# Methods that run the teacher's head need real detectors: tests/test_crosskd.py.
+TENSOR_METHODS = [m for m in list_methods() if build_method(m).teacher_tower_convs() is None]
+
+
+@pytest.mark.parametrize("name", TENSOR_METHODS)
 def test_every_method_is_finite_has_gradients_and_is_zero_when_equal(name):
     method = build_method(name)
     batch = make_batch()
     loss = method(batch)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
-    grads = [t.grad for t in batch.student_feats + batch.student_logits if t.grad is not None]
+    grads = [t.grad for t in batch.student_feats + batch.student.cls_logits if t.grad is not None]
     assert grads and any(gr.abs().sum() > 0 for gr in grads)
-    assert all(t.grad is None for t in batch.teacher_feats + batch.teacher_logits)
+    assert all(t.grad is None for t in batch.teacher.features + batch.teacher.cls_logits)
     assert method(make_batch(equal=True)).item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -112,7 +129,7 @@ def test_rm_method_gathers_each_instance_class_logit():
 
 def test_rm_quality_needs_a_quality_branch():
     batch = make_batch()
-    batch.student_quality = batch.teacher_quality = None
+    batch.student.quality = batch.teacher.quality = None
     with pytest.raises(ValueError, match="quality branch"):
         build_method("rm", score="quality")(batch)
 
@@ -137,7 +154,7 @@ def iou(a, b):
 def test_rm_topk_candidates_are_each_objects_best_overlapping_anchors(k):
     batch = make_batch()
     candidates = batch.top_iou_candidates(k)
-    anchors = batch.anchors[0].tolist()
+    anchors = batch.student.anchors[0].tolist()
     expected = set()
     for j, (box, label) in enumerate(
         zip(batch.gt_boxes[0].tolist(), batch.gt_labels[0].tolist(), strict=True)
@@ -175,5 +192,44 @@ def test_feature_methods_take_the_scale_free_form(name):
     plain, scaled = build_method(name), build_method(name, feature_norm="channel")
     assert torch.isfinite(scaled(batch)) and scaled(batch).item() != plain(batch).item()
     grown = make_batch()
-    grown.teacher_feats = [100 * f + 5 for f in grown.teacher_feats]
+    grown.teacher.features = [100 * f + 5 for f in grown.teacher.features]
     assert scaled(grown).item() == pytest.approx(scaled(batch).item(), rel=1e-4)
+
+
+def pearson_reference(student_feats, teacher_feats) -> float:
+    """sum over levels of mean over channels of 1 - corrcoef, one channel at a time."""
+    total = 0.0
+    for f_s, f_t in zip(student_feats, teacher_feats, strict=True):
+        per_channel = []
+        for c in range(f_s.shape[1]):
+            s = f_s[:, c].detach().double().flatten()
+            t = f_t[:, c].detach().double().flatten()
+            rho = torch.corrcoef(torch.stack([s, t]))[0, 1]
+            per_channel.append(1.0 - float(rho))
+        total += sum(per_channel) / len(per_channel)
+    return total
+
+
+def test_pkd_is_one_minus_pearson_correlation_per_channel():
+    batch = make_batch()
+    loss = build_method("pkd")(batch)
+    assert loss.item() == pytest.approx(
+        pearson_reference(batch.student_feats, batch.teacher.features), rel=1e-5
+    )
+    # Correlation ignores each channel's scale and offset: 0 for an affine copy.
+    batch.teacher.features = [3 * f.detach() + 7 for f in batch.student_feats]
+    assert build_method("pkd")(batch).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_pkd_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)]
+    teacher = [torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64)]
+    batch = make_batch()
+    method = build_method("pkd")
+
+    def loss(f):
+        batch.student_feats, batch.teacher.features = [f], teacher
+        return method(batch).double()
+
+    assert torch.autograd.gradcheck(loss, (student[0],))

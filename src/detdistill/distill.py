@@ -23,8 +23,9 @@ from detdistill.auto_weights import (
     parse_weight,
     preserved_state,
 )
-from detdistill.losses import DistillBatch, build_method
+from detdistill.losses import build_method
 from detdistill.models.output import DetectorOutput
+from detdistill.pair import TowerFeatures, run_pair
 
 
 class IncompatibleModelsError(ValueError):
@@ -90,25 +91,65 @@ def build_adapters(student_channels: int, teacher_channels: int, num_levels: int
 
 
 class StudentWithAdapters(nn.Module):
-    """Everything trainable, in one module so DDP wraps exactly this (no unused parameters)."""
+    """Everything trainable, in one module so DDP wraps exactly this (no unused parameters).
 
-    def __init__(self, student: nn.Module, adapters: nn.ModuleList):
+    ``adapters`` map the neck features to the teacher's channels. With
+    ``keep_tower=k`` the student's head tower features after ``k`` convs are
+    kept too and mapped by ``tower_adapters`` (classification, regression).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        adapters: nn.ModuleList,
+        keep_tower: int | None = None,
+        tower_adapters: nn.ModuleList | None = None,
+    ):
         super().__init__()
+        if (keep_tower is None) != (tower_adapters is None):
+            raise ValueError("keep_tower and tower_adapters go together")
         self.student = student
         self.adapters = adapters
+        self.keep_tower = keep_tower
+        self.tower_adapters = tower_adapters
 
     def forward(
         self,
         images: Tensor,
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]],
-        adapt: bool = True,
-    ) -> tuple[DetectorOutput, list[Tensor]]:
-        output = self.student.forward_batch(images, image_sizes, targets)
-        if not adapt:
-            return output, []
+    ) -> tuple[DetectorOutput, list[Tensor], TowerFeatures | None]:
+        output = self.student.forward_batch(images, image_sizes, targets, self.keep_tower)
         adapted = [adapter(f) for adapter, f in zip(self.adapters, output.features, strict=True)]
-        return output, adapted
+        if self.tower_adapters is None or output.tower_features is None:
+            return output, adapted, None
+        cls_adapter, reg_adapter = self.tower_adapters
+        cls_feats, reg_feats = output.tower_features
+        return (
+            output,
+            adapted,
+            ([cls_adapter(f) for f in cls_feats], [reg_adapter(f) for f in reg_feats]),
+        )
+
+
+def _tower_cut(
+    methods: Mapping[str, nn.Module], student: nn.Module, teacher: nn.Module
+) -> int | None:
+    """The student tower depth whose features the methods need (see ``teacher_tower_convs``)."""
+    wanted = {name: m.teacher_tower_convs() for name, m in methods.items()}
+    wanted = {name: j for name, j in wanted.items() if j is not None}
+    if not wanted:
+        return None
+    if len(set(wanted.values())) > 1:
+        raise ValueError(f"methods disagree on the teacher tower convs they reuse: {wanted}")
+    name, convs = next(iter(wanted.items()))
+    depths = {"student": student.tower_depth, "teacher": teacher.tower_depth}
+    if any(convs > depth for depth in depths.values()):
+        raise IncompatibleModelsError(
+            f"{name} reuses the teacher's last {convs} tower conv(s), but the head towers have "
+            f"{depths['student']} (student) and {depths['teacher']} (teacher)"
+        )
+    return depths["student"] - convs
 
 
 class Distiller(nn.Module):
@@ -137,21 +178,31 @@ class Distiller(nn.Module):
     ):
         super().__init__()
         check_compatible(teacher, student)
+        if not methods:
+            raise ValueError(
+                "a Distiller needs at least one method; a student without one is plain "
+                "training (detdistill train <student config>)"
+            )
         method_options = dict(method_options or {})
         unused = sorted(set(method_options) - set(methods))
         if unused:
             raise ValueError(f"options given for method(s) not selected: {', '.join(unused)}")
+        self.methods = nn.ModuleDict(
+            {name: build_method(name, **method_options.get(name, {})) for name in methods}
+        )
+        keep_tower = _tower_cut(self.methods, student, teacher)
         self.branch = StudentWithAdapters(
             student,
             build_adapters(student.out_channels, teacher.out_channels, len(student.strides)),
+            keep_tower,
+            None
+            if keep_tower is None
+            else build_adapters(student.out_channels, teacher.out_channels, 2),
         )
         self.teacher = teacher
         for param in self.teacher.parameters():
             param.requires_grad_(False)
         self.teacher.eval()
-        self.methods = nn.ModuleDict(
-            {name: build_method(name, **method_options.get(name, {})) for name in methods}
-        )
         # None marks an "auto" weight that balance() has not chosen yet.
         self.weights: dict[str, float | None] = {
             name: parse_weight(name, weight) for name, weight in methods.items()
@@ -263,28 +314,11 @@ class Distiller(nn.Module):
     def _loss_terms(
         self, images: list[Tensor], targets: list[dict[str, Tensor]], runner: nn.Module
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        image_list, targets = self.student.transform(images, targets)
-        output, adapted = runner(
-            image_list.tensors, image_list.image_sizes, targets, adapt=bool(self.methods)
-        )
-        detection = dict(output.losses)
-        if not self.methods:
-            return detection, {}
-        teacher_output = self.teacher_outputs(image_list.tensors, image_list.image_sizes)
-        batch = DistillBatch(
-            student_feats=adapted,
-            teacher_feats=teacher_output.features,
-            student_logits=output.cls_logits,
-            teacher_logits=teacher_output.cls_logits,
-            anchors=output.anchors,
-            gt_boxes=[t["boxes"] for t in targets],
-            gt_labels=[t["labels"] for t in targets],
-            matched_idxs=output.matched_idxs,
-            num_anchors=output.num_anchors_per_location,
-            num_classes=output.num_classes,
-            student_quality=output.quality,
-            teacher_quality=teacher_output.quality,
-        )
+        batch = run_pair(
+            self.student, self.teacher, images, targets,
+            student_forward=runner, teacher_forward=self.teacher_outputs,
+        )  # fmt: skip
+        detection = dict(batch.student.losses)
         distill = {}
         for name, method in self.methods.items():
             if name in detection:
@@ -302,6 +336,7 @@ class Distiller(nn.Module):
         if self.teacher_half:
             output.features = [f.float() for f in output.features]
             output.cls_logits = [z.float() for z in output.cls_logits]
+            output.bbox_regression = [r.float() for r in output.bbox_regression]
             if output.quality is not None:
                 output.quality = [q.float() for q in output.quality]
         return output

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.image_list import ImageList
 
 from detdistill.analysis.adapter import ChannelMapFitter
 from detdistill.analysis.features import Adapter, feature_maps, prediction_maps, valid_grid
 from detdistill.models.output import DetectorOutput
+from detdistill.pair import run_pair
 
 __all__ = ["Collected", "InstanceInfo", "ObjectCandidates", "VisualCase", "collect"]
 
@@ -100,13 +100,12 @@ class Collected:
         )
 
 
-def _prepare(
-    model: nn.Module, images: list[Tensor], targets: list[dict[str, Any]], device: torch.device
-) -> tuple[ImageList, list[dict[str, Tensor]]]:
-    images = [im.to(device) for im in images]
+def _on_device(
+    images: list[Tensor], targets: list[dict[str, Any]], device: torch.device
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """The images and the boxes and labels of their targets (the rest is metadata)."""
     plain = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-    image_list, plain = model.transform(images, plain)
-    return image_list, plain
+    return [im.to(device) for im in images], plain
 
 
 @dataclass
@@ -176,16 +175,6 @@ def _unnormalise(model: nn.Module, tensor: Tensor, size: tuple[int, int]) -> Ten
     return (tensor[:, :h, :w].float().cpu() * std + mean).clamp(0, 1)
 
 
-def _run_pair(
-    teacher: nn.Module, student: nn.Module, image_list: ImageList, targets: list[dict[str, Tensor]]
-) -> tuple[DetectorOutput, DetectorOutput]:
-    s_out = student.forward_batch(image_list.tensors, image_list.image_sizes, targets)
-    if s_out.matched_idxs is None:  # a detector that only assigns in training mode
-        s_out.matched_idxs = student.assign(s_out, targets)
-    t_out = teacher.forward_batch(image_list.tensors, image_list.image_sizes)
-    return s_out, t_out
-
-
 @torch.no_grad()
 def collect(
     teacher: nn.Module,
@@ -217,9 +206,9 @@ def collect(
     out = Collected(adapters=["identity" if same_channels else "least squares"] * len(strides))
 
     for images, targets in batches:
-        image_list, plain = _prepare(student, images, targets, device)
-        s_out, t_out = _run_pair(teacher, student, image_list, plain)
-        sizes = image_list.image_sizes
+        pair = run_pair(student, teacher, *_on_device(images, targets, device))
+        s_out, t_out, plain = pair.student, pair.teacher, pair.targets
+        sizes = s_out.image_sizes
         out.p_maps += prediction_maps(s_out.cls_logits, t_out.cls_logits, sizes, strides)
         if same_channels:
             out.d_maps += feature_maps(s_out.features, t_out.features, identity, sizes, strides)
@@ -243,7 +232,7 @@ def collect(
                     VisualCase(
                         image_id=out.image_ids[-1],
                         position=len(out.image_ids) - 1,
-                        image=_unnormalise(student, image_list.tensors[i], sizes[i]),
+                        image=_unnormalise(student, pair.images[i], sizes[i]),
                         objects=objects,
                     )
                 )
@@ -251,7 +240,7 @@ def collect(
     if not same_channels:
         maps: list[Adapter] = [fitter.solve() for fitter in fitters]
         for images, targets in batches:
-            image_list, _ = _prepare(student, images, targets, device)
+            image_list, _ = student.transform(*_on_device(images, targets, device))
             f_s = student.backbone(image_list.tensors)
             f_t = teacher.backbone(image_list.tensors)
             out.d_maps += feature_maps(f_s, f_t, maps, image_list.image_sizes, strides)

@@ -24,6 +24,7 @@ from detdistill.engine.config import Config
 from detdistill.engine.distributed import resolve_device
 from detdistill.engine.sampling import first_training_batches
 from detdistill.evaluation import evaluate
+from detdistill.pair import run_pair
 
 MIN_TEACHER_MAP = 0.02
 LOSS_RATIO_LIMIT = 100.0
@@ -151,13 +152,11 @@ def _check_step_zero(report, cfg, train_set, student, teacher, distiller, device
     torch.manual_seed(cfg.seed)
     student.train()
     with torch.no_grad():
-        image_list, t_targets = student.transform(images, targets)
-        s_out = student.forward_batch(image_list.tensors, image_list.image_sizes, t_targets)
-        t_out = (
-            teacher.forward_batch(image_list.tensors, image_list.image_sizes)
-            if teacher is not None
-            else None
-        )
+        if teacher is None:
+            s_out, t_out = student(images, targets), None
+        else:
+            pair = run_pair(student, teacher, images, targets)
+            s_out, t_out = pair.student, pair.teacher
         for level, stride in enumerate(student.strides):
             line = (
                 f"level {level} (stride {stride}): student features {tuple(s_out.features[level].shape)}, "

@@ -1,5 +1,6 @@
 """Distillation losses: pure tensor functions, and the named methods built on them."""
 
+from detdistill.losses.batch import Candidates, DistillBatch
 from detdistill.losses.feature_imitation import (
     decoupled_feature_loss,
     feature_imitation_loss,
@@ -7,7 +8,6 @@ from detdistill.losses.feature_imitation import (
 )
 from detdistill.losses.masks import box_center_masks, fgfi_masks
 from detdistill.losses.methods import (
-    DistillBatch,
     DistillMethod,
     build_method,
     flatten_levels,
@@ -19,6 +19,7 @@ from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
 
 __all__ = [
+    "Candidates",
     "DistillBatch",
     "DistillMethod",
     "box_center_masks",

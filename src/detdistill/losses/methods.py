@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
+from detdistill.losses.batch import Candidates, DistillBatch
+from detdistill.losses.crosskd import (
+    cross_head_box_loss,
+    cross_head_class_loss,
+    cross_head_quality_loss,
+)
 from detdistill.losses.feature_imitation import (
     decoupled_feature_loss,
     feature_imitation_loss,
@@ -29,93 +32,6 @@ from detdistill.losses.pfi import WeightNorm, pfi_loss
 from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
 from detdistill.models.output import flatten_levels
-
-
-class Candidates(NamedTuple):
-    """Candidate boxes of the ground-truth objects, one entry per (object, anchor) pair."""
-
-    images: Tensor  # (P,) image index in the batch
-    anchors: Tensor  # (P,) anchor index in the image's flat anchor order
-    classes: Tensor  # (P,) the object's class
-    instances: Tensor  # (P,) object id, unique over the batch
-
-
-@dataclass(eq=False)
-class DistillBatch:
-    """What the methods may read for one batch; teacher tensors are detached.
-
-    ``student_feats`` are already adapted to the teacher's channels.
-    ``anchors``/``matched_idxs`` follow ``DetectorOutput``: per image, anchors
-    ordered level-major then h, w, a; ``matched_idxs`` >= 0 names the assigned
-    ground truth, negative values are background or ignored.
-    """
-
-    student_feats: list[Tensor]
-    teacher_feats: list[Tensor]
-    student_logits: list[Tensor]
-    teacher_logits: list[Tensor]
-    anchors: list[Tensor]
-    gt_boxes: list[Tensor]
-    gt_labels: list[Tensor]
-    matched_idxs: list[Tensor]
-    num_anchors: int
-    num_classes: int
-    student_quality: list[Tensor] | None = None
-    teacher_quality: list[Tensor] | None = None
-
-    @property
-    def level_shapes(self) -> list[tuple[int, int]]:
-        return [(x.shape[-2], x.shape[-1]) for x in self.student_logits]
-
-    @cached_property
-    def student_flat_logits(self) -> Tensor:
-        return flatten_levels(self.student_logits, self.num_classes)
-
-    @cached_property
-    def teacher_flat_logits(self) -> Tensor:
-        return flatten_levels(self.teacher_logits, self.num_classes)
-
-    @cached_property
-    def candidates(self) -> Candidates:
-        """Each object's positive anchors, as the detector's own assigner chose them."""
-        images, anchors, classes, instances = [], [], [], []
-        offset = 0
-        for n, (matched, labels) in enumerate(zip(self.matched_idxs, self.gt_labels, strict=True)):
-            pos = torch.nonzero(matched >= 0).squeeze(1)
-            gt_index = matched[pos]
-            images.append(torch.full_like(pos, n))
-            anchors.append(pos)
-            classes.append(labels[gt_index].to(pos.dtype))
-            instances.append(gt_index + offset)
-            offset += labels.numel()
-        return Candidates(*(torch.cat(x) for x in (images, anchors, classes, instances)))
-
-    def top_iou_candidates(self, k: int) -> Candidates:
-        """Each object's ``k`` anchors of highest IoU with its box (IoU > 0), over all levels.
-
-        A bag as ATSS draws before thresholding: larger than the assigner's
-        positives (3.8 per object for the ``digits`` student), and the same
-        size for every object, so there is an order worth mimicking.
-        """
-        images, anchors, classes, instances = [], [], [], []
-        offset = 0
-        for n, (boxes, labels, image_anchors) in enumerate(
-            zip(self.gt_boxes, self.gt_labels, self.anchors, strict=True)
-        ):
-            if boxes.numel() == 0:
-                continue
-            iou = box_iou(boxes.to(image_anchors.dtype), image_anchors)
-            values, index = iou.topk(min(k, image_anchors.shape[0]), dim=1)
-            gt_index, rank = torch.nonzero(values > 0, as_tuple=True)
-            chosen = index[gt_index, rank]
-            images.append(torch.full_like(chosen, n))
-            anchors.append(chosen)
-            classes.append(labels[gt_index].to(chosen.dtype))
-            instances.append(gt_index + offset)
-            offset += labels.numel()
-        if not images:
-            return self.candidates
-        return Candidates(*(torch.cat(x) for x in (images, anchors, classes, instances)))
 
 
 class DistillMethod(nn.Module):
@@ -131,6 +47,16 @@ class DistillMethod(nn.Module):
 
     def forward(self, batch: DistillBatch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def teacher_tower_convs(self) -> int | None:
+        """How many of the teacher's last tower convs this term runs on student head features.
+
+        ``None`` (the default): the term needs no head features. A number ``j``
+        makes the Distiller keep the student's tower features before its last
+        ``j`` convs, adapted to the teacher's width, in
+        ``DistillBatch.student_tower_feats`` (CrossKD).
+        """
+        return None
 
 
 _REGISTRY: dict[str, type[DistillMethod]] = {}
@@ -231,8 +157,8 @@ class RankMimicking(DistillMethod):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         candidates = self._candidates(batch)
-        student = self._scores(batch.student_flat_logits, batch.student_quality, candidates)
-        teacher = self._scores(batch.teacher_flat_logits, batch.teacher_quality, candidates)
+        student = self._scores(batch.student_flat_logits, batch.student.quality, candidates)
+        teacher = self._scores(batch.teacher_flat_logits, batch.teacher.quality, candidates)
         return rank_mimicking_loss(student, teacher, candidates.instances, self.temperature)
 
 
@@ -259,14 +185,88 @@ class PredictionGuidedImitation(DistillMethod):
     def forward(self, batch: DistillBatch) -> Tensor:
         return pfi_loss(
             batch.student_feats,
-            batch.teacher_feats,
-            batch.student_logits,
-            batch.teacher_logits,
+            batch.teacher.features,
+            batch.student.cls_logits,
+            batch.teacher.cls_logits,
             norm=self.norm,
             detach_weight=self.detach_weight,
             weight_norm=self.weight_norm,
             feature_norm=self.feature_norm,
         )
+
+
+@register_method("crosskd")
+class CrossHeadKD(DistillMethod):
+    """CrossKD (Wang et al., CVPR 2024): the teacher's head on the student's head features.
+
+    The student's tower features before its last ``teacher_convs`` convs (the
+    reference implementation's ``reused_teacher_head_idx = 3`` of 4 convs is
+    ``teacher_convs=1``) go through the teacher's last ``teacher_convs`` tower
+    convs and predictors; those cross-head predictions are distilled into the
+    teacher's own with :func:`cross_head_class_loss`,
+    :func:`cross_head_box_loss` (times ``box_weight``) and, for heads with a
+    quality branch, :func:`cross_head_quality_loss` (formulas in
+    :mod:`detdistill.losses.crosskd`). Works on every detector whose head has
+    conv towers and a box decoder: RetinaNet, FCOS, ATSS.
+    """
+
+    imitates = "outputs"
+
+    def __init__(self, teacher_convs: int = 1, beta: float = 1.0, box_weight: float = 1.0):
+        super().__init__()
+        if teacher_convs < 0:
+            raise ValueError(f"crosskd teacher_convs must be >= 0, got {teacher_convs}")
+        if beta <= 0 or box_weight < 0:
+            raise ValueError(
+                f"crosskd needs beta > 0 and box_weight >= 0, got {beta}, {box_weight}"
+            )
+        self.teacher_convs = teacher_convs
+        self.beta = beta
+        self.box_weight = box_weight
+
+    def teacher_tower_convs(self) -> int:
+        return self.teacher_convs
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        teacher = batch.teacher_model
+        if teacher is None or batch.student_tower_feats is None:
+            raise ValueError(
+                "crosskd needs the teacher model and the student's head tower features: "
+                "run it through the Distiller"
+            )
+        dtype = next(teacher.parameters()).dtype  # a half-precision teacher takes half inputs
+        cls_feats, reg_feats = ([f.to(dtype) for f in fs] for fs in batch.student_tower_feats)
+        start = teacher.tower_depth - self.teacher_convs
+        cross_cls, cross_reg, cross_quality = teacher.head_outputs(
+            *teacher.run_towers(cls_feats, reg_feats, start)
+        )
+        num_classes = batch.student.num_classes
+        teacher_logits = batch.teacher_flat_logits
+        num_positives = sum(int((m >= 0).sum()) for m in batch.student.matched_idxs)
+        loss = cross_head_class_loss(
+            flatten_levels(cross_cls, num_classes).float(), teacher_logits, num_positives, self.beta
+        )
+        weights = teacher_logits.sigmoid().amax(-1).reshape(-1)
+        anchors = torch.cat(batch.student.anchors)
+        cross_boxes = teacher.decode_boxes(
+            flatten_levels(cross_reg, 4).float().reshape(-1, 4), anchors
+        )
+        teacher_boxes = teacher.decode_boxes(
+            batch.teacher.flat_bbox_regression().reshape(-1, 4), anchors
+        )
+        # A teacher box under a pixel wide or high (FCOS's clipped distances far from
+        # any object) has no overlap worth imitating: GIoU against it is about constant
+        # and its gradient is set by GIoU's epsilon.
+        proper = (teacher_boxes[:, 2:] - teacher_boxes[:, :2] >= 1.0).all(dim=1)
+        box_weights = weights * proper
+        loss = loss + self.box_weight * cross_head_box_loss(cross_boxes, teacher_boxes, box_weights)
+        if cross_quality is not None and batch.teacher.quality is not None:
+            loss = loss + cross_head_quality_loss(
+                flatten_levels(cross_quality, 1).float().reshape(-1),
+                batch.teacher.flat_quality().reshape(-1),
+                weights,
+            )
+        return loss
 
 
 @register_method("kd")
@@ -295,8 +295,31 @@ class FitNet(DistillMethod):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         return feature_imitation_loss(
-            batch.student_feats, batch.teacher_feats, feature_norm=self.feature_norm
+            batch.student_feats, batch.teacher.features, feature_norm=self.feature_norm
         )
+
+
+@register_method("pkd")
+class PearsonImitation(DistillMethod):
+    r"""PKD: imitation of standardised features (Cao et al., NeurIPS 2022)::
+
+        L = sum_l mean_c (1 - rho_{l,c}),   rho_{l,c} = Pearson correlation of
+            channel c of phi_l(F^s_l) and F^t_l over (n, h, w)
+
+    computed as the paper does: standardise every channel of both to zero mean
+    and unit variance over N, H, W, then ``MSE / 2`` per level, summed over
+    levels (``mean_c mean_{n,h,w} (s_hat - t_hat)^2 = 2 mean_c (1 - rho_c)``).
+    It is :class:`FitNet` with ``feature_norm="channel"`` scaled by
+    ``num_levels / 2``; the scale keeps PKD's published weights meaningful.
+    No adapter is needed for the *scale* of the features, only for channels.
+    """
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        levels = len(batch.student_feats)
+        fitnet = feature_imitation_loss(
+            batch.student_feats, batch.teacher.features, feature_norm="channel"
+        )
+        return fitnet * (levels / 2)
 
 
 @register_method("fgfi")
@@ -310,10 +333,14 @@ class FineGrainedImitation(DistillMethod):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         masks = fgfi_masks(
-            batch.anchors, batch.gt_boxes, batch.level_shapes, batch.num_anchors, self.psi
+            batch.student.anchors,
+            batch.gt_boxes,
+            batch.level_shapes,
+            batch.student.num_anchors_per_location,
+            self.psi,
         )
         return feature_imitation_loss(
-            batch.student_feats, batch.teacher_feats, masks, feature_norm=self.feature_norm
+            batch.student_feats, batch.teacher.features, masks, feature_norm=self.feature_norm
         )
 
 
@@ -334,11 +361,14 @@ class DecoupledFeatures(DistillMethod):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         masks = box_center_masks(
-            batch.anchors, batch.gt_boxes, batch.level_shapes, batch.num_anchors
+            batch.student.anchors,
+            batch.gt_boxes,
+            batch.level_shapes,
+            batch.student.num_anchors_per_location,
         )
         return decoupled_feature_loss(
             batch.student_feats,
-            batch.teacher_feats,
+            batch.teacher.features,
             masks,
             self.foreground_weight,
             self.background_weight,
@@ -357,7 +387,7 @@ class ScoreWeightedImitation(DistillMethod):
     def forward(self, batch: DistillBatch) -> Tensor:
         return score_weighted_imitation(
             batch.student_feats,
-            batch.teacher_feats,
-            batch.teacher_logits,
+            batch.teacher.features,
+            batch.teacher.cls_logits,
             feature_norm=self.feature_norm,
         )

@@ -92,7 +92,11 @@ def centerness_target(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
 
 
 class ATSSHead(nn.Module):
-    """Classification tower + regression tower with a centerness branch, and the loss."""
+    """Classification and regression towers with a centerness branch, and the loss.
+
+    The forward pass is :meth:`OneStageDetector.head_forward` (towers, then
+    :meth:`ATSS.head_predict`), shared with the other detectors.
+    """
 
     def __init__(
         self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4
@@ -106,16 +110,6 @@ class ATSSHead(nn.Module):
             in_channels, num_anchors, num_convs, norm_layer=norm
         )
         self.box_coder = det_utils.BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
-
-    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        cls_head, reg_head = self.classification_head, self.regression_head
-        cls_logits, bbox_regression, quality = [], [], []
-        for f in features:
-            cls_logits.append(cls_head.cls_logits(cls_head.conv(f)))
-            t = reg_head.conv(f)
-            bbox_regression.append(reg_head.bbox_reg(t))
-            quality.append(reg_head.bbox_ctrness(t))
-        return cls_logits, bbox_regression, quality
 
     def compute_loss(
         self,
@@ -210,10 +204,15 @@ class ATSS(OneStageDetector):
             self.out_channels, self.num_anchors_per_location, num_classes, num_convs
         )
 
-    def head_forward(
-        self, features: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        return self.head(features)
+    def head_predict(
+        self, cls_feature: Tensor, reg_feature: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        reg_head = self.head.regression_head
+        return (
+            self.head.classification_head.cls_logits(cls_feature),
+            reg_head.bbox_reg(reg_feature),
+            reg_head.bbox_ctrness(reg_feature),
+        )
 
     def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
         sizes = output.num_anchors_per_level()

@@ -115,10 +115,18 @@ class OneStageDetector(nn.Module):
         self.num_anchors_per_location: int = 0  # set by subclasses
 
     # ----------------------------------------------------------- subclass API
-    def head_forward(
-        self, features: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
-        """Per-level ``(cls_logits, bbox_regression, quality)``, unflattened."""
+    def head_towers(self) -> tuple[nn.Sequential, nn.Sequential]:
+        """The classification and regression conv towers, shared over levels.
+
+        Default: torchvision's layout (``head.classification_head.conv`` and
+        ``head.regression_head.conv``), which every detector here uses.
+        """
+        return self.head.classification_head.conv, self.head.regression_head.conv
+
+    def head_predict(
+        self, cls_feature: Tensor, reg_feature: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The predictor layers on one level's tower outputs: ``(cls, bbox, quality)``."""
         raise NotImplementedError
 
     def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
@@ -165,15 +173,53 @@ class OneStageDetector(nn.Module):
         anchors = torch.cat(self.anchor_generator.grid_anchors(grid_sizes, strides))
         return [anchors] * num_images
 
+    @property
+    def tower_depth(self) -> int:
+        """Convs in each head tower (both towers have the same depth)."""
+        return len(self.head_towers()[0])
+
+    def run_towers(
+        self,
+        cls_feats: list[Tensor],
+        reg_feats: list[Tensor],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Tower convs ``start:stop`` on per-level inputs of each tower.
+
+        With ``start=0`` both inputs are the neck features. A distillation
+        method can enter the *teacher's* towers at a later conv with the
+        student's intermediate head features (CrossKD).
+        """
+        cls_tower, reg_tower = (tower[start:stop] for tower in self.head_towers())
+        return [cls_tower(f) for f in cls_feats], [reg_tower(f) for f in reg_feats]
+
+    def head_outputs(
+        self, cls_feats: list[Tensor], reg_feats: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        """Per-level ``(cls_logits, bbox_regression, quality)`` from the towers' outputs."""
+        per_level = [self.head_predict(c, r) for c, r in zip(cls_feats, reg_feats, strict=True)]
+        cls_logits, bbox_regression, quality = (list(x) for x in zip(*per_level, strict=True))
+        return cls_logits, bbox_regression, None if quality[0] is None else quality
+
+    def head_forward(
+        self, features: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        """Per-level ``(cls_logits, bbox_regression, quality)``, unflattened."""
+        return self.head_outputs(*self.run_towers(features, features))
+
     def forward_batch(
         self,
         images: Tensor,
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
+        keep_tower: int | None = None,
     ) -> DetectorOutput:
         """The one forward path on a batched tensor (targets in its coordinates).
 
         With ``targets`` the assigner runs and ``matched_idxs``/``losses`` are filled.
+        ``keep_tower=k`` also keeps both towers' features after their first
+        ``k`` convs in ``output.tower_features`` (what CrossKD feeds the teacher).
         """
         if images.dim() != 4 or len(image_sizes) != images.shape[0]:
             raise ValueError(
@@ -184,7 +230,13 @@ class OneStageDetector(nn.Module):
             raise RuntimeError(
                 f"backbone returned {len(features)} levels, expected {len(self.strides)}"
             )
-        cls_logits, bbox_regression, quality = self.head_forward(features)
+        tower_features = None
+        if keep_tower is None:
+            cls_logits, bbox_regression, quality = self.head_forward(features)
+        else:
+            tower_features = self.run_towers(features, features, 0, keep_tower)
+            towers = self.run_towers(*tower_features, keep_tower)
+            cls_logits, bbox_regression, quality = self.head_outputs(*towers)
         output = DetectorOutput(
             features=features,
             cls_logits=cls_logits,
@@ -192,6 +244,7 @@ class OneStageDetector(nn.Module):
             quality=quality,
             anchors=self.make_anchors(features, images.shape[0]),
             image_sizes=[(int(h), int(w)) for h, w in image_sizes],
+            tower_features=tower_features,
         )
         if targets is not None:
             if len(targets) != images.shape[0]:
@@ -200,7 +253,8 @@ class OneStageDetector(nn.Module):
             output.losses = self.compute_loss(output, targets)
         return output
 
-    def _check_targets(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+    def check_targets(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+        """Raise ``ValueError`` naming the first bad target: the checks of every training path."""
         if len(targets) != len(images):
             raise ValueError(f"got {len(targets)} targets for {len(images)} images")
         for i, t in enumerate(targets):
@@ -231,7 +285,7 @@ class OneStageDetector(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            self._check_targets(images, targets)
+            self.check_targets(images, targets)
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets_t = self.transform(images, targets if self.training else None)
         output = self.forward_batch(image_list.tensors, image_list.image_sizes, targets_t)

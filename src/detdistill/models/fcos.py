@@ -111,17 +111,15 @@ class FCOS(OneStageDetector):
         )
         self.head.regression_head = FCOSRegressionHead(c, 1, num_convs, norm_layer=norm)
 
-    def head_forward(
-        self, features: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        cls_head, reg_head = self.head.classification_head, self.head.regression_head
-        cls_logits, bbox_regression, quality = [], [], []
-        for f in features:
-            cls_logits.append(cls_head.cls_logits(cls_head.conv(f)))
-            t = reg_head.conv(f)
-            bbox_regression.append(nn.functional.relu(reg_head.bbox_reg(t)))
-            quality.append(reg_head.bbox_ctrness(t))
-        return cls_logits, bbox_regression, quality
+    def head_predict(
+        self, cls_feature: Tensor, reg_feature: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        reg_head = self.head.regression_head
+        return (
+            self.head.classification_head.cls_logits(cls_feature),
+            nn.functional.relu(reg_head.bbox_reg(reg_feature)),  # ltrb distances are >= 0
+            reg_head.bbox_ctrness(reg_feature),
+        )
 
     def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
         sizes = output.num_anchors_per_level()

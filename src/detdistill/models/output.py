@@ -64,6 +64,8 @@ class DetectorOutput:
             ``>= 0`` index of the positive's ground truth, ``-1`` background,
             ``-2`` ignored. ``None`` when no targets were given.
         losses: detection loss terms by name; empty when no targets were given.
+        tower_features: ``(cls, reg)`` per-level head tower features after the
+            first ``keep_tower`` convs, when ``forward_batch`` was asked for them.
     """
 
     features: list[Tensor]
@@ -74,6 +76,7 @@ class DetectorOutput:
     image_sizes: list[tuple[int, int]]
     matched_idxs: list[Tensor] | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
+    tower_features: tuple[list[Tensor], list[Tensor]] | None = None
 
     @property
     def num_levels(self) -> int:

@@ -108,11 +108,13 @@ class RetinaNet(OneStageDetector):
             fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True
         )
 
-    def head_forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], None]:
-        cls_head, reg_head = self.head.classification_head, self.head.regression_head
-        cls_logits = [cls_head.cls_logits(cls_head.conv(f)) for f in features]
-        bbox_regression = [reg_head.bbox_reg(reg_head.conv(f)) for f in features]
-        return cls_logits, bbox_regression, None
+    def head_predict(self, cls_feature: Tensor, reg_feature: Tensor) -> tuple[Tensor, Tensor, None]:
+        head = self.head
+        return (
+            head.classification_head.cls_logits(cls_feature),
+            head.regression_head.bbox_reg(reg_feature),
+            None,
+        )
 
     def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
         """IoU matching, torchvision's ``RetinaNet.compute_loss`` assignment."""

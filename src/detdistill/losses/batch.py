@@ -1,0 +1,135 @@
+"""What a distillation method receives for one batch: the teacher/student pair, whole.
+
+A method sees both detectors' :class:`~detdistill.models.output.DetectorOutput`
+as they came out of the pair's forward pass (:func:`detdistill.pair.run_pair`),
+the student's neck features adapted to the teacher's channels, the targets in
+the batch tensor's coordinates, and the frozen teacher itself. The last one
+lets a method run (part of) the teacher's head on student features, as CrossKD
+does: gradients reach the student through the features, while the teacher's
+parameters have ``requires_grad=False`` and stay untouched.
+
+Everything else here is derived from those fields once per batch
+(``cached_property``), so two methods that read the same thing share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+from detdistill.models.output import DetectorOutput
+
+__all__ = ["Candidates", "DistillBatch"]
+
+
+class Candidates(NamedTuple):
+    """Candidate boxes of the ground-truth objects, one entry per (object, anchor) pair."""
+
+    images: Tensor  # (P,) image index in the batch
+    anchors: Tensor  # (P,) anchor index in the image's flat anchor order
+    classes: Tensor  # (P,) the object's class
+    instances: Tensor  # (P,) object id, unique over the batch
+
+
+@dataclass(eq=False)
+class DistillBatch:
+    """One batch of the pair. The teacher's output is detached (computed without grad).
+
+    Attributes:
+        student: the student's output, with the detector's own ``matched_idxs``
+            and ``losses`` (the batch had targets).
+        teacher: the teacher's output on the same batched tensor.
+        student_feats: the student's neck features through the adapters, in
+            the teacher's channel count (the student's own features are
+            ``student.features``).
+        targets: per image ``boxes`` (M, 4) and ``labels`` (M,) in batch
+            tensor pixels, as the student's assigner saw them.
+        images: the batched, normalised tensor both networks ran on.
+        student_tower_feats: ``(cls, reg)`` per-level student head tower
+            features, adapted to the teacher's width, for a method that runs
+            the teacher's last tower convs on them (``None`` unless one asks,
+            see :meth:`DistillMethod.teacher_tower_convs`).
+        teacher_model: the frozen teacher (``None`` where no method needs it,
+            e.g. in unit tests of losses on plain tensors).
+    """
+
+    student: DetectorOutput
+    teacher: DetectorOutput
+    student_feats: list[Tensor]
+    targets: list[dict[str, Tensor]]
+    images: Tensor
+    teacher_model: nn.Module | None = None
+    student_tower_feats: tuple[list[Tensor], list[Tensor]] | None = None
+
+    @property
+    def gt_boxes(self) -> list[Tensor]:
+        return [t["boxes"] for t in self.targets]
+
+    @property
+    def gt_labels(self) -> list[Tensor]:
+        return [t["labels"] for t in self.targets]
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        return [(x.shape[-2], x.shape[-1]) for x in self.student.cls_logits]
+
+    @cached_property
+    def student_flat_logits(self) -> Tensor:
+        """``(N, R, K)`` student class logits in anchor order."""
+        return self.student.flat_cls_logits()
+
+    @cached_property
+    def teacher_flat_logits(self) -> Tensor:
+        """``(N, R, K)`` teacher class logits in anchor order."""
+        return self.teacher.flat_cls_logits()
+
+    @cached_property
+    def candidates(self) -> Candidates:
+        """Each object's positive anchors, as the student's own assigner chose them."""
+        if self.student.matched_idxs is None:
+            raise ValueError("the student's output has no assignment: run it with targets")
+        images, anchors, classes, instances = [], [], [], []
+        offset = 0
+        for n, (matched, labels) in enumerate(
+            zip(self.student.matched_idxs, self.gt_labels, strict=True)
+        ):
+            pos = torch.nonzero(matched >= 0).squeeze(1)
+            gt_index = matched[pos]
+            images.append(torch.full_like(pos, n))
+            anchors.append(pos)
+            classes.append(labels[gt_index].to(pos.dtype))
+            instances.append(gt_index + offset)
+            offset += labels.numel()
+        return Candidates(*(torch.cat(x) for x in (images, anchors, classes, instances)))
+
+    def top_iou_candidates(self, k: int) -> Candidates:
+        """Each object's ``k`` anchors of highest IoU with its box (IoU > 0), over all levels.
+
+        A bag as ATSS draws before thresholding: larger than the assigner's
+        positives (3.8 per object for the ``digits`` student), and the same
+        size for every object, so there is an order worth mimicking.
+        """
+        images, anchors, classes, instances = [], [], [], []
+        offset = 0
+        for n, (boxes, labels, image_anchors) in enumerate(
+            zip(self.gt_boxes, self.gt_labels, self.student.anchors, strict=True)
+        ):
+            if boxes.numel() == 0:
+                continue
+            iou = box_iou(boxes.to(image_anchors.dtype), image_anchors)
+            values, index = iou.topk(min(k, image_anchors.shape[0]), dim=1)
+            gt_index, rank = torch.nonzero(values > 0, as_tuple=True)
+            chosen = index[gt_index, rank]
+            images.append(torch.full_like(chosen, n))
+            anchors.append(chosen)
+            classes.append(labels[gt_index].to(chosen.dtype))
+            instances.append(gt_index + offset)
+            offset += labels.numel()
+        if not images:
+            return self.candidates
+        return Candidates(*(torch.cat(x) for x in (images, anchors, classes, instances)))
