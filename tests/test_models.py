@@ -61,7 +61,7 @@ def empty_target() -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------- registry
 def test_registry_lists_and_errors():
-    assert {"retinanet", "fcos", "atss"} <= set(DETECTORS)
+    assert {"retinanet", "fcos", "atss", "gfl"} <= set(DETECTORS)
     with pytest.raises(ValueError, match="retinanet") as err:
         build_detector("yolo", num_classes=3)
     assert all(name in str(err.value) for name in DETECTORS)
@@ -96,7 +96,7 @@ def test_output_shapes_and_anchor_order(name):
         h = w = SIZE // stride
         assert out.features[lv].shape == (2, model.out_channels, h, w)
         assert out.cls_logits[lv].shape == (2, a * k, h, w)
-        assert out.bbox_regression[lv].shape == (2, a * 4, h, w)
+        assert out.bbox_regression[lv].shape == (2, a * model.box_code_size, h, w)
         if out.quality is not None:
             assert out.quality[lv].shape == (2, a, h, w)
     r = sum((SIZE // s) ** 2 * a for s in model.strides)
@@ -111,8 +111,9 @@ def test_output_shapes_and_anchor_order(name):
     stride, width = model.strides[lv], SIZE // model.strides[lv]
     idx = out.num_anchors_per_level()[0] + (hh * width + ww) * a + aa
     assert flat[n, idx, kk] == out.cls_logits[lv][n, aa * k + kk, hh, ww]
+    b = model.box_code_size
     assert torch.equal(
-        out.flat_bbox_regression()[n, idx], out.bbox_regression[lv][n, aa * 4 : aa * 4 + 4, hh, ww]
+        out.flat_bbox_regression()[n, idx], out.bbox_regression[lv][n, aa * b : aa * b + b, hh, ww]
     )
     if out.quality is not None:
         assert out.flat_quality()[n, idx] == out.quality[lv][n, aa, hh, ww]
@@ -129,10 +130,8 @@ def test_output_shapes_and_anchor_order(name):
 def test_train_losses_finite_with_gradients_everywhere(name):
     model = tiny(name)
     out = model([torch.rand(3, SIZE, SIZE) for _ in range(2)], some_targets())
-    expected = {"classification", "bbox_regression"} | (
-        {"centerness"} if name in QUALITY_HEADS else set()
-    )
-    assert set(out.losses) == expected
+    extra = {"fcos": {"centerness"}, "atss": {"centerness"}, "gfl": {"distribution"}}
+    assert set(out.losses) == {"classification", "bbox_regression", *extra.get(name, ())}
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in out.losses.values())
     sum(out.losses.values()).backward()
     for pname, p in model.named_parameters():
@@ -486,6 +485,7 @@ OVERFIT = {  # name -> (extra kwargs, max steps); all reach AP50 > 0.9 by ~75 st
     "retinanet": ({"head_norm": "gn"}, 150),  # a GN head trains much faster from scratch
     "fcos": ({}, 150),
     "atss": ({}, 150),
+    "gfl": ({}, 150),
 }
 
 

@@ -97,12 +97,13 @@ class _ExportedDetector(nn.Module):
         cls_logits, bbox_regression, quality = det.head_forward(features)
         anchors = det.make_anchors(features, 1)[0]  # (R, 4), shared by the batch
         cls = flatten_levels(cls_logits, k)  # (N, R, K)
-        reg = flatten_levels(bbox_regression, 4)  # (N, R, 4)
+        code = det.box_code_size
+        reg = flatten_levels(bbox_regression, code)  # (N, R, B)
         n = cls.shape[0]
         qual = None if quality is None else flatten_levels(quality, 1).reshape(-1)
         scores = det.class_scores(cls.reshape(-1, k), qual).reshape(n, -1, k)
         flat_anchors = anchors.unsqueeze(0).expand(n, -1, -1).reshape(-1, 4)
-        boxes = det.decode_boxes(reg.reshape(-1, 4), flat_anchors).reshape(n, -1, 4)
+        boxes = det.decode_boxes(reg.reshape(-1, code), flat_anchors).reshape(n, -1, 4)
         height, width = images.shape[-2], images.shape[-1]
         boxes = box_ops.clip_boxes_to_image(boxes, (height, width))
         # H_l * W_l * A per level, computed from the tensors (not Python ints) so

@@ -114,7 +114,7 @@ class _Flat:
 
     logits: Tensor  # (N, R, K)
     quality: Tensor | None  # (N, R)
-    regression: Tensor  # (N, R, 4)
+    regression: Tensor  # (N, R, B), the detector's box code
     anchors: list[Tensor]
 
     @classmethod

@@ -248,11 +248,12 @@ class CrossHeadKD(DistillMethod):
         )
         weights = teacher_logits.sigmoid().amax(-1).reshape(-1)
         anchors = torch.cat(batch.student.anchors)
+        code = batch.teacher.box_code_size
         cross_boxes = teacher.decode_boxes(
-            flatten_levels(cross_reg, 4).float().reshape(-1, 4), anchors
+            flatten_levels(cross_reg, code).float().reshape(-1, code), anchors
         )
         teacher_boxes = teacher.decode_boxes(
-            batch.teacher.flat_bbox_regression().reshape(-1, 4), anchors
+            batch.teacher.flat_bbox_regression().reshape(-1, code), anchors
         )
         # A teacher box under a pixel wide or high (FCOS's clipped distances far from
         # any object) has no overlap worth imitating: GIoU against it is about constant

@@ -1,4 +1,4 @@
-"""One-stage detectors (RetinaNet, FCOS, ATSS) with a distillation interface.
+"""One-stage detectors (RetinaNet, FCOS, ATSS, GFL) with a distillation interface.
 
 Every detector returns a :class:`DetectorOutput` from ``forward_batch``; see
 :mod:`detdistill.models.output` for the exact layout distillation code relies on.
@@ -8,6 +8,7 @@ from .atss import ATSS
 from .backbones import BackboneFPN, build_backbone, list_backbones
 from .base import OneStageDetector
 from .fcos import FCOS
+from .gfl import GFL
 from .output import DetectorOutput
 from .registry import build_detector, list_detectors, register_detector
 from .retinanet import RetinaNet
@@ -15,6 +16,7 @@ from .retinanet import RetinaNet
 __all__ = [
     "ATSS",
     "FCOS",
+    "GFL",
     "BackboneFPN",
     "DetectorOutput",
     "OneStageDetector",

@@ -200,9 +200,11 @@ class ATSS(OneStageDetector):
             )
         self._init_anchor_generator(tuple(tuple(s) for s in anchor_sizes), aspect_ratios)
         self.topk = topk
-        self.head = ATSSHead(
-            self.out_channels, self.num_anchors_per_location, num_classes, num_convs
-        )
+        self.head = self.build_head(num_classes, num_convs)
+
+    def build_head(self, num_classes: int, num_convs: int) -> nn.Module:
+        """The head module (towers, predictors, loss); GFL replaces it."""
+        return ATSSHead(self.out_channels, self.num_anchors_per_location, num_classes, num_convs)
 
     def head_predict(
         self, cls_feature: Tensor, reg_feature: Tensor

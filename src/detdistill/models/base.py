@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
@@ -53,6 +52,8 @@ class OneStageDetector(nn.Module):
     """
 
     head_type: str = ""
+    # Numbers the regression branch predicts per anchor (GFL: 4 distributions).
+    box_code_size: int = 4
 
     def __init__(
         self,
@@ -140,7 +141,7 @@ class OneStageDetector(nn.Module):
         raise NotImplementedError
 
     def decode_boxes(self, rel_codes: Tensor, anchors: Tensor) -> Tensor:
-        """``(n, 4)`` regression + ``(n, 4)`` anchors -> ``(n, 4)`` xyxy boxes."""
+        """``(n, B)`` regression codes + ``(n, 4)`` anchors -> ``(n, 4)`` xyxy boxes."""
         raise NotImplementedError
 
     def class_scores(self, cls_logits: Tensor, quality: Tensor | None) -> Tensor:
@@ -176,7 +177,7 @@ class OneStageDetector(nn.Module):
     @property
     def tower_depth(self) -> int:
         """Convs in each head tower (both towers have the same depth)."""
-        return len(self.head_towers()[0])
+        return sum(isinstance(m, nn.Conv2d) for m in self.head_towers()[0].modules())
 
     def run_towers(
         self,
@@ -185,13 +186,23 @@ class OneStageDetector(nn.Module):
         start: int = 0,
         stop: int | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Tower convs ``start:stop`` on per-level inputs of each tower.
+        """Tower convs ``start:stop`` (with their norm and activation) on per-level inputs.
 
         With ``start=0`` both inputs are the neck features. A distillation
         method can enter the *teacher's* towers at a later conv with the
-        student's intermediate head features (CrossKD).
+        student's intermediate head features (CrossKD). Counted in convs:
+        torchvision's RetinaNet v2 tower holds one module per conv, its FCOS
+        tower three (conv, norm, ReLU).
         """
-        cls_tower, reg_tower = (tower[start:stop] for tower in self.head_towers())
+        depth = self.tower_depth
+        stop = depth if stop is None else stop
+        if not 0 <= start <= stop <= depth:
+            raise ValueError(f"tower convs {start}:{stop} out of range for a tower of {depth}")
+        towers = []
+        for tower in self.head_towers():
+            per_conv = len(tower) // depth if depth else 0
+            towers.append(tower[start * per_conv : stop * per_conv])
+        cls_tower, reg_tower = towers
         return [cls_tower(f) for f in cls_feats], [reg_tower(f) for f in reg_feats]
 
     def head_outputs(
@@ -245,6 +256,7 @@ class OneStageDetector(nn.Module):
             anchors=self.make_anchors(features, images.shape[0]),
             image_sizes=[(int(h), int(w)) for h, w in image_sizes],
             tower_features=tower_features,
+            box_code_size=self.box_code_size,
         )
         if targets is not None:
             if len(targets) != images.shape[0]:
@@ -294,12 +306,6 @@ class OneStageDetector(nn.Module):
         detections = self.postprocess(output)
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
-    def transform_batch(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-    ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
-        """The normalise/resize/pad step of ``forward``, for callers of ``forward_batch``."""
-        return self.transform(images, targets)
-
     @torch.no_grad()
     def postprocess(self, output: DetectorOutput) -> list[dict[str, Tensor]]:
         """Score threshold, per-level top-k, decoding, clipping and class-wise NMS.
@@ -308,7 +314,7 @@ class OneStageDetector(nn.Module):
         """
         k = self.num_classes
         cls = [flatten_level(c.float(), k) for c in output.cls_logits]
-        reg = [flatten_level(r.float(), 4) for r in output.bbox_regression]
+        reg = [flatten_level(r.float(), self.box_code_size) for r in output.bbox_regression]
         qual = (
             None
             if output.quality is None

@@ -52,8 +52,10 @@ class DetectorOutput:
     Attributes:
         features: neck (FPN) features per level, ``(N, C, H_l, W_l)``.
         cls_logits: per level ``(N, A*K, H_l, W_l)``, channel ``a*K + k``.
-        bbox_regression: per level ``(N, A*4, H_l, W_l)``; the encoding is the
-            detector's own (RetinaNet/ATSS: BoxCoder deltas, FCOS: ltrb / stride).
+        bbox_regression: per level ``(N, A*B, H_l, W_l)`` with ``B =
+            box_code_size`` numbers per anchor in the detector's own encoding
+            (RetinaNet/ATSS: 4 BoxCoder deltas, FCOS: 4 ltrb / stride, GFL:
+            4 distributions over ``reg_max + 1`` distance bins).
         quality: per level ``(N, A, H_l, W_l)`` centerness/IoU logits, or ``None``
             for heads without a quality branch (RetinaNet).
         anchors: per image ``(R, 4)`` xyxy in batched-tensor pixels, ordered
@@ -66,6 +68,7 @@ class DetectorOutput:
         losses: detection loss terms by name; empty when no targets were given.
         tower_features: ``(cls, reg)`` per-level head tower features after the
             first ``keep_tower`` convs, when ``forward_batch`` was asked for them.
+        box_code_size: ``B`` above.
     """
 
     features: list[Tensor]
@@ -77,14 +80,11 @@ class DetectorOutput:
     matched_idxs: list[Tensor] | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     tower_features: tuple[list[Tensor], list[Tensor]] | None = None
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.cls_logits)
+    box_code_size: int = 4
 
     @property
     def num_anchors_per_location(self) -> int:
-        return self.bbox_regression[0].shape[1] // 4
+        return self.bbox_regression[0].shape[1] // self.box_code_size
 
     @property
     def num_classes(self) -> int:
@@ -95,21 +95,13 @@ class DetectorOutput:
         a = self.num_anchors_per_location
         return [x.shape[-2] * x.shape[-1] * a for x in self.cls_logits]
 
-    def level_slices(self) -> list[slice]:
-        """Slice of the flat anchor axis that belongs to each level."""
-        out, start = [], 0
-        for n in self.num_anchors_per_level():
-            out.append(slice(start, start + n))
-            start += n
-        return out
-
     def flat_cls_logits(self) -> Tensor:
         """``(N, R, K)`` in the anchor order of :attr:`anchors`."""
         return flatten_levels(self.cls_logits, self.num_classes)
 
     def flat_bbox_regression(self) -> Tensor:
-        """``(N, R, 4)`` in the anchor order of :attr:`anchors`."""
-        return flatten_levels(self.bbox_regression, 4)
+        """``(N, R, B)`` in the anchor order of :attr:`anchors`."""
+        return flatten_levels(self.bbox_regression, self.box_code_size)
 
     def flat_quality(self) -> Tensor | None:
         """``(N, R)`` quality logits in anchor order, or ``None``."""
