@@ -21,7 +21,7 @@ from detdistill.engine.metrics_log import read_metrics
 from detdistill.engine.presets import load_preset_or_file, preset_path
 from detdistill.engine.trainer import Trainer, run
 from detdistill.losses import list_methods
-from test_distill import batch, tiny
+from test_distill import batch, detector_for, tiny
 from test_trainer import TINY
 
 
@@ -73,7 +73,8 @@ def test_a_term_without_gradient_cannot_be_auto():
 @pytest.mark.parametrize("method", list_methods())
 def test_distiller_balance_makes_each_gradient_ratio_the_target(method, one_thread):
     # float64: some terms' gradients at initialisation are ~1e-6, below float32's precision
-    distiller = Distiller(tiny(width=8), tiny(width=16), {method: "auto"}).double()
+    detector = detector_for(method)
+    distiller = Distiller(tiny(detector, 8), tiny(detector, 16), {method: "auto"}).double()
     distiller.train()
     images, targets = batch()
     images = [image.double() for image in images]

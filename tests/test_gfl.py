@@ -8,19 +8,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny
-from test_distill import tiny
 
 import detdistill
+from conftest import train_tiny
 from detdistill.analysis import run_analysis
 from detdistill.engine.evaluate_checkpoint import evaluate_checkpoint
 from detdistill.export import export_detector, export_module
+from detdistill.losses.localization import localization_distillation_loss
 from detdistill.models.gfl import (
     aligned_iou,
     distribution_focal_loss,
     integral_distances,
     quality_focal_loss,
 )
+from test_distill import tiny
 
 
 def test_quality_focal_loss_matches_a_loop():
@@ -122,3 +123,57 @@ def test_a_trained_gfl_evaluates_predicts_and_analyses(gfl_checkpoint, tmp_path)
     run_analysis(gfl_checkpoint, gfl_checkpoint, out=tmp_path / "a", max_images=4, num_visualize=0)
     analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert all(level["mean_D"] == 0.0 for level in analysis["features"]["levels"])
+
+
+# ------------------------------------------------------------------ LD
+
+
+def test_localization_distillation_matches_a_loop():
+    g = torch.Generator().manual_seed(4)
+    bins, temperature = 5, 3.0
+    student, teacher = torch.randn(3, 4 * bins, generator=g), torch.randn(3, 4 * bins, generator=g)
+    weights = torch.tensor([0.2, 0.0, 0.7])
+    expected = 0.0
+    for r in range(3):
+        per_edge = []
+        for e in range(4):
+            s = torch.softmax(student[r, e * bins : (e + 1) * bins].double() / temperature, 0)
+            t = torch.softmax(teacher[r, e * bins : (e + 1) * bins].double() / temperature, 0)
+            per_edge.append(float((t * (t.log() - s.log())).sum()) * temperature**2)
+        expected += float(weights[r]) * sum(per_edge) / 4
+    expected /= float(weights.sum())
+    got = localization_distillation_loss(student, teacher, weights, bins, temperature)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert localization_distillation_loss(teacher, teacher, weights, bins).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+    empty = localization_distillation_loss(student, teacher, torch.zeros(3), bins)
+    assert empty.item() == 0.0 and empty.requires_grad is student.requires_grad
+
+
+def test_localization_distillation_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 12, generator=g, dtype=torch.float64)
+    weights = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda s: localization_distillation_loss(s, teacher, weights, 3, 2.0), (student,)
+    )
+
+
+def test_ld_region_adds_the_valuable_localisation_region_to_the_positives():
+    from detdistill.losses import build_method
+    from detdistill.pair import run_pair
+    from test_distill import batch
+
+    student, teacher = tiny("gfl", 8), tiny("gfl", 16)
+    pair = run_pair(student.train(), teacher.eval(), *batch())
+    vlr, positives = (
+        build_method("ld")._region(pair),
+        build_method("ld", region="positives")._region(pair),
+    )
+    assert positives.sum() > 0 and bool((vlr | positives).eq(vlr).all())
+    assert vlr.sum() > positives.sum()
+    ld = build_method("ld")(pair)
+    ld.backward()
+    assert ld.item() > 0 and all(p.grad is None for p in teacher.parameters())

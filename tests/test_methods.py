@@ -80,12 +80,15 @@ def make_batch(equal: bool = False, seed: int = 0) -> DistillBatch:
 
 def test_registry_lists_the_spec_methods():
     assert set(list_methods()) >= {
-        "rm", "pfi", "kd", "fitnet", "fgfi", "defeat", "scorel2", "pkd", "crosskd",
+        "rm", "pfi", "kd", "fitnet", "fgfi", "defeat", "scorel2", "pkd", "crosskd", "ld",
     }  # fmt: skip
 
 
-# Methods that run the teacher's head need real detectors: tests/test_crosskd.py.
-TENSOR_METHODS = [m for m in list_methods() if build_method(m).teacher_tower_convs() is None]
+# Methods that run the teacher's head (tests/test_crosskd.py) or read edge distributions
+# (tests/test_gfl.py) need real detectors.
+TENSOR_METHODS = [
+    m for m in list_methods() if build_method(m).teacher_tower_convs() is None and m != "ld"
+]
 
 
 @pytest.mark.parametrize("name", TENSOR_METHODS)

@@ -23,13 +23,9 @@ from detdistill.auto_weights import (
     parse_weight,
     preserved_state,
 )
-from detdistill.losses import build_method
+from detdistill.losses import IncompatibleModelsError, build_method
 from detdistill.models.output import DetectorOutput
 from detdistill.pair import TowerFeatures, run_pair
-
-
-class IncompatibleModelsError(ValueError):
-    """Teacher and student disagree on what the distillation terms compare."""
 
 
 def _transform_settings(model: nn.Module) -> dict[str, Any]:
@@ -190,6 +186,8 @@ class Distiller(nn.Module):
         self.methods = nn.ModuleDict(
             {name: build_method(name, **method_options.get(name, {})) for name in methods}
         )
+        for method in self.methods.values():
+            method.check_models(student, teacher)
         keep_tower = _tower_cut(self.methods, student, teacher)
         self.branch = StudentWithAdapters(
             student,

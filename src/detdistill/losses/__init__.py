@@ -1,6 +1,6 @@
 """Distillation losses: pure tensor functions, and the named methods built on them."""
 
-from detdistill.losses.batch import Candidates, DistillBatch
+from detdistill.losses.batch import Candidates, DistillBatch, IncompatibleModelsError
 from detdistill.losses.feature_imitation import (
     decoupled_feature_loss,
     feature_imitation_loss,
@@ -22,6 +22,7 @@ __all__ = [
     "Candidates",
     "DistillBatch",
     "DistillMethod",
+    "IncompatibleModelsError",
     "box_center_masks",
     "build_method",
     "decoupled_feature_loss",

@@ -24,7 +24,11 @@ from torchvision.ops import box_iou
 
 from detdistill.models.output import DetectorOutput
 
-__all__ = ["Candidates", "DistillBatch"]
+__all__ = ["Candidates", "DistillBatch", "IncompatibleModelsError"]
+
+
+class IncompatibleModelsError(ValueError):
+    """Teacher and student disagree on what the distillation terms compare."""
 
 
 class Candidates(NamedTuple):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detdistill.losses.batch import Candidates, DistillBatch
+from detdistill.losses.batch import Candidates, DistillBatch, IncompatibleModelsError
 from detdistill.losses.crosskd import (
     cross_head_box_loss,
     cross_head_class_loss,
@@ -26,11 +26,13 @@ from detdistill.losses.feature_imitation import (
     feature_imitation_loss,
     score_weighted_imitation,
 )
+from detdistill.losses.localization import localization_distillation_loss
 from detdistill.losses.masks import box_center_masks, fgfi_masks
 from detdistill.losses.normalize import FeatureNorm
 from detdistill.losses.pfi import WeightNorm, pfi_loss
 from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
+from detdistill.models.atss import atss_candidates
 from detdistill.models.output import flatten_levels
 
 
@@ -47,6 +49,12 @@ class DistillMethod(nn.Module):
 
     def forward(self, batch: DistillBatch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Raise :class:`IncompatibleModelsError` if the pair lacks what the term reads.
+
+        Called once by the Distiller; the default accepts every detector.
+        """
 
     def teacher_tower_convs(self) -> int | None:
         """How many of the teacher's last tower convs this term runs on student head features.
@@ -240,20 +248,20 @@ class CrossHeadKD(DistillMethod):
         cross_cls, cross_reg, cross_quality = teacher.head_outputs(
             *teacher.run_towers(cls_feats, reg_feats, start)
         )
-        num_classes = batch.student.num_classes
-        teacher_logits = batch.teacher_flat_logits
+        # Compare in the student's precision (a half-precision teacher gives half outputs).
+        dtype = batch.student_flat_logits.dtype
+        teacher_logits = batch.teacher_flat_logits.to(dtype)
         num_positives = sum(int((m >= 0).sum()) for m in batch.student.matched_idxs)
-        loss = cross_head_class_loss(
-            flatten_levels(cross_cls, num_classes).float(), teacher_logits, num_positives, self.beta
-        )
+        cross_logits = flatten_levels(cross_cls, batch.student.num_classes).to(dtype)
+        loss = cross_head_class_loss(cross_logits, teacher_logits, num_positives, self.beta)
         weights = teacher_logits.sigmoid().amax(-1).reshape(-1)
-        anchors = torch.cat(batch.student.anchors)
+        anchors = torch.cat(batch.student.anchors).to(dtype)
         code = batch.teacher.box_code_size
         cross_boxes = teacher.decode_boxes(
-            flatten_levels(cross_reg, code).float().reshape(-1, code), anchors
+            flatten_levels(cross_reg, code).to(dtype).reshape(-1, code), anchors
         )
         teacher_boxes = teacher.decode_boxes(
-            batch.teacher.flat_bbox_regression().reshape(-1, code), anchors
+            batch.teacher.flat_bbox_regression().to(dtype).reshape(-1, code), anchors
         )
         # A teacher box under a pixel wide or high (FCOS's clipped distances far from
         # any object) has no overlap worth imitating: GIoU against it is about constant
@@ -263,11 +271,92 @@ class CrossHeadKD(DistillMethod):
         loss = loss + self.box_weight * cross_head_box_loss(cross_boxes, teacher_boxes, box_weights)
         if cross_quality is not None and batch.teacher.quality is not None:
             loss = loss + cross_head_quality_loss(
-                flatten_levels(cross_quality, 1).float().reshape(-1),
-                batch.teacher.flat_quality().reshape(-1),
+                flatten_levels(cross_quality, 1).to(dtype).reshape(-1),
+                batch.teacher.flat_quality().to(dtype).reshape(-1),
                 weights,
             )
         return loss
+
+
+@register_method("ld")
+class LocalizationDistillation(DistillMethod):
+    """LD (Zheng et al., CVPR 2022): box-edge distributions, see :mod:`detdistill.losses.localization`.
+
+    Region ``R`` and weights ``w_r``:
+
+    * ``region="vlr"`` (default): the student's positive anchors plus the
+      *valuable localisation region*, anchors whose IoU with a ground truth is
+      at least ``alpha_vl`` times that box's ATSS threshold (mean + std of its
+      candidates' IoUs; the paper measures DIoU, here IoU);
+    * ``region="positives"``: the positive anchors only (MMDetection's LDHead).
+
+    ``w_r`` is the teacher's highest class probability at the anchor, so that
+    edges the teacher is unsure of count less. Needs a detector that regresses
+    edge distributions (GFL); any other head is refused when the Distiller is
+    built.
+    """
+
+    imitates = "outputs"
+
+    def __init__(
+        self,
+        temperature: float = 10.0,
+        region: Literal["vlr", "positives"] = "vlr",
+        alpha_vl: float = 0.25,
+    ):
+        super().__init__()
+        if region not in ("vlr", "positives"):
+            raise ValueError(f"ld region must be 'vlr' or 'positives', got {region!r}")
+        if temperature <= 0 or alpha_vl <= 0:
+            raise ValueError(
+                f"ld needs temperature > 0 and alpha_vl > 0, got {temperature}, {alpha_vl}"
+            )
+        self.temperature = temperature
+        self.region = region
+        self.alpha_vl = alpha_vl
+
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        bins = {
+            "student": getattr(student, "reg_max", None),
+            "teacher": getattr(teacher, "reg_max", None),
+        }
+        if None in bins.values():
+            raise IncompatibleModelsError(
+                "ld distils box-edge distributions: it needs detectors that regress them (gfl), "
+                f"got student {student.head_type!r} and teacher {teacher.head_type!r}"
+            )
+        if bins["student"] != bins["teacher"]:
+            raise IncompatibleModelsError(f"ld needs the same reg_max in both models, got {bins}")
+
+    def _region(self, batch: DistillBatch) -> Tensor:
+        positives = torch.stack(batch.student.matched_idxs) >= 0
+        if self.region == "positives":
+            return positives
+        sizes = batch.student.num_anchors_per_level()
+        topk = getattr(batch.teacher_model, "topk", 9)
+        regions = []
+        for anchors, boxes in zip(batch.student.anchors, batch.gt_boxes, strict=True):
+            if boxes.numel() == 0:
+                regions.append(
+                    torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+                )
+                continue
+            ious, _, thresholds = atss_candidates(anchors, sizes, boxes.to(anchors.dtype), topk)
+            regions.append((ious >= self.alpha_vl * thresholds[None]).any(dim=1))
+        return positives | torch.stack(regions)
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        region = self._region(batch)
+        student_codes = batch.student.flat_bbox_regression()
+        teacher_codes = batch.teacher.flat_bbox_regression()
+        weights = batch.teacher_flat_logits.sigmoid().amax(-1)
+        return localization_distillation_loss(
+            student_codes[region],
+            teacher_codes[region],
+            weights[region],
+            bins=student_codes.shape[-1] // 4,
+            temperature=self.temperature,
+        )
 
 
 @register_method("kd")

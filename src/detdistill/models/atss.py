@@ -28,30 +28,24 @@ from .base import OneStageDetector
 from .output import DetectorOutput
 from .registry import register_detector
 
-__all__ = ["ATSS", "ATSSHead", "atss_assign", "centerness_target"]
+__all__ = ["ATSS", "ATSSHead", "atss_assign", "atss_candidates", "centerness_target"]
 
 
-def atss_assign(
+def atss_candidates(
     anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, topk: int = 9
-) -> Tensor:
-    """Adaptive Training Sample Selection for one image: ``(R,)`` gt index or ``-1``.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ATSS's candidates and thresholds for one image with ``M >= 1`` boxes.
 
-    For every ground truth: take on each level the ``topk`` anchors whose centres are
-    closest to the box centre; their IoUs give the threshold ``mean + std``
-    (unbiased std, as the reference implementation); candidates at or above it
-    whose centre lies inside the box are positive. An anchor positive for several
-    boxes goes to the one it overlaps most. Vectorised over boxes and anchors;
-    the only loop is over the (few) pyramid levels.
+    Returns ``ious`` ``(R, M)`` of every anchor with every box, ``candidates``
+    ``(C, M)``: per box, the ``topk`` anchors of each level whose centres are
+    closest to the box centre, and ``thresholds`` ``(M,)``: the mean plus the
+    (unbiased, as the reference implementation) standard deviation of the
+    candidates' IoUs. LD's valuable localisation region reuses the thresholds.
     """
-    num_anchors = anchors.shape[0]
-    if gt_boxes.numel() == 0:
-        return torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device)
-    num_gt = gt_boxes.shape[0]
     ious = box_ops.box_iou(anchors, gt_boxes)  # (R, M)
     anchor_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
     gt_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
     dist = (anchor_ctr[:, None, :] - gt_ctr[None, :, :]).pow(2).sum(-1).sqrt()  # (R, M)
-
     candidates, start = [], 0
     for n in num_anchors_per_level:
         k = min(topk, n)
@@ -61,8 +55,28 @@ def atss_assign(
     cand = torch.cat(candidates)  # (C, M)
     cand_ious = ious.gather(0, cand)
     std = cand_ious.std(0) if cand.shape[0] > 1 else torch.zeros_like(cand_ious[0])
-    is_pos = cand_ious >= (cand_ious.mean(0) + std)[None]
+    return ious, cand, cand_ious.mean(0) + std
 
+
+def atss_assign(
+    anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, topk: int = 9
+) -> Tensor:
+    """Adaptive Training Sample Selection for one image: ``(R,)`` gt index or ``-1``.
+
+    Candidates and thresholds as :func:`atss_candidates`; candidates at or above
+    their box's threshold whose centre lies inside the box are positive. An
+    anchor positive for several boxes goes to the one it overlaps most.
+    Vectorised over boxes and anchors; the only loop is over the (few) levels.
+    """
+    num_anchors = anchors.shape[0]
+    if gt_boxes.numel() == 0:
+        return torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device)
+    num_gt = gt_boxes.shape[0]
+    ious, cand, thresholds = atss_candidates(anchors, num_anchors_per_level, gt_boxes, topk)
+    cand_ious = ious.gather(0, cand)
+    is_pos = cand_ious >= thresholds[None]
+
+    anchor_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
     cx, cy = anchor_ctr[cand, 0], anchor_ctr[cand, 1]  # (C, M)
     inside = (
         torch.stack(
