@@ -17,7 +17,7 @@ loss's gradient there. ``r_m`` depends on what the term imitates
   reach the head (PFI's weight is detached), so the head keeps learning from
   the labels alone while the backbone and neck are led by the teacher's
   features, a representation that is known to be good for detection.
-* ``outputs`` (RM, KD, CrossKD): 0.3. These terms share the head with the
+* ``outputs`` (RM, KD, CrossKD, LD): 0.3. These terms share the head with the
   detection loss (CrossKD its towers), and RM carries no absolute signal at all (only the order of an
   object's candidates); pulling harder than the labels there trades the
   labels' information for the teacher's mistakes.

@@ -215,7 +215,7 @@ class CrossHeadKD(DistillMethod):
     :func:`cross_head_box_loss` (times ``box_weight``) and, for heads with a
     quality branch, :func:`cross_head_quality_loss` (formulas in
     :mod:`detdistill.losses.crosskd`). Works on every detector whose head has
-    conv towers and a box decoder: RetinaNet, FCOS, ATSS.
+    conv towers and a box decoder: RetinaNet, FCOS, ATSS, GFL.
     """
 
     imitates = "outputs"
