@@ -105,12 +105,18 @@ def test_custom_classes_and_mismatch(tmp_path):
     assert info.value.extra == ["widget"] and info.value.missing == []
 
 
-def test_malformed_xml_names_file(tmp_path):
+def test_a_malformed_xml_is_a_counted_skip_and_strict_mode_names_it(tmp_path):
     root = make_voc(tmp_path)
     bad = root / "Annotations" / "2007_000002.xml"
     bad.write_text("<annotation><object><name>cat</name></annotation>")
+    ds = VOCDetection(root)
+    assert ds.problems.counts == {"bad_annotation": 1}
+    assert ds.image_ids == [1, 3]  # every valid image is kept, the broken one alone is lost
+    assert "2007_000002.xml" in str(ds.problems.as_dict()) and "invalid XML" in str(
+        ds.problems.as_dict()
+    )
     with pytest.raises(AnnotationFormatError, match=r"2007_000002\.xml.*invalid XML"):
-        VOCDetection(root)
+        VOCDetection(root, on_bad_annotation="raise")
 
 
 @pytest.mark.parametrize(
@@ -127,7 +133,7 @@ def test_schema_violations_name_the_element(tmp_path, old, new, field):
     path = root / "Annotations" / "2007_000002.xml"
     path.write_text(path.read_text().replace(old, new, 1))
     with pytest.raises(AnnotationFormatError) as info:
-        VOCDetection(root)
+        VOCDetection(root, on_bad_annotation="raise")
     assert info.value.field == field and "2007_000002.xml" in str(info.value)
 
 

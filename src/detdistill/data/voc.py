@@ -102,7 +102,11 @@ class VOCDetection(DetectionDataset):
     ``category_ids`` are ``1..K``. Difficult objects are left out of training
     targets (``include_difficult=True`` keeps them) and are ignore regions in
     the evaluation ground truth. An id in the split file without its XML or
-    image is dropped and counted (``missing_annotation`` / ``missing_image``).
+    image is dropped and counted (``missing_annotation`` / ``missing_image``),
+    and so is one whose XML is malformed (``bad_annotation``, with the file and
+    the fault as the example), so one broken file among thousands costs one
+    image, not the split; ``on_bad_annotation="raise"`` raises
+    :class:`AnnotationFormatError` at the first one instead.
     """
 
     def __init__(
@@ -114,8 +118,13 @@ class VOCDetection(DetectionDataset):
         *,
         include_difficult: bool = False,
         on_bad_image: Literal["skip", "raise"] = "skip",
+        on_bad_annotation: Literal["skip", "raise"] = "skip",
         verify_images: bool = False,
     ) -> None:
+        if on_bad_annotation not in ("skip", "raise"):
+            raise ValueError(
+                f"on_bad_annotation must be 'skip' or 'raise', got {on_bad_annotation!r}"
+            )
         self.root = Path(root)
         self.split = split
         self.coco_annotation_file = None
@@ -131,7 +140,13 @@ class VOCDetection(DetectionDataset):
             if not xml.is_file():
                 problems.add("missing_annotation", example=str(xml))
                 continue
-            ann = parse_voc_xml(xml)
+            try:
+                ann = parse_voc_xml(xml)
+            except AnnotationFormatError as exc:
+                if on_bad_annotation == "raise":
+                    raise
+                problems.add("bad_annotation", example=str(exc))
+                continue
             image = self.root / "JPEGImages" / (ann["filename"] or f"{name}.jpg")
             if not image.is_file() and (self.root / "JPEGImages" / f"{name}.jpg").is_file():
                 image = self.root / "JPEGImages" / f"{name}.jpg"
