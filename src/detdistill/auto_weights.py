@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detdistill.errors import DetDistillError
+
 AUTO = "auto"
 # What each kind of term's gradient should be, relative to detection's, at the start.
 DEFAULT_RATIOS: dict[str, float] = {"features": 10.0, "outputs": 0.3}
@@ -66,7 +68,7 @@ DEFAULT_BATCHES = 4
 Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
 
 
-class WeightError(ValueError):
+class WeightError(DetDistillError, ValueError):
     """A method weight that is neither a number >= 0 nor ``"auto"``."""
 
 

@@ -336,24 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from detdistill.data.errors import DataError
-    from detdistill.distill import IncompatibleModelsError
-    from detdistill.engine.checkpoint import CheckpointError
-    from detdistill.engine.config import ConfigError
-    from detdistill.engine.trainer import NonFiniteLossError
-    from detdistill.export import OnnxExportError
+    from detdistill.errors import DetDistillError
 
-    return (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        IncompatibleModelsError,
-        NonFiniteLossError,
-        OnnxExportError,
-        FileNotFoundError,
-        NotADirectoryError,
-        PermissionError,
-    )
+    return (DetDistillError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
 
+from detdistill.errors import DetDistillError
 from detdistill.models.output import flatten_levels
 
 __all__ = [
@@ -66,7 +67,7 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("boxes", "scores", "level_sizes")
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(DetDistillError, RuntimeError):
     """The export could not be done (missing ``onnx``/``onnxruntime``, exporter failure)."""
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from detdistill.data.errors import ImageReadError
 from detdistill.data.image_io import read_image
 from detdistill.engine.config import ConfigError
+from detdistill.errors import DetDistillError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -46,7 +47,7 @@ _DRAWN_SUFFIXES = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 
-class NoImagesError(FileNotFoundError):
+class NoImagesError(DetDistillError, FileNotFoundError):
     """The inputs hold no image that could be read (the CLI prints it as one line)."""
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from detdistill.errors import DetDistillError
 
-class DataError(ValueError):
+
+class DataError(DetDistillError, ValueError):
     """Base class for every data problem that stops a data set from being built."""
 
 

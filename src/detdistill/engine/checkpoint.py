@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 import detdistill
+from detdistill.errors import DetDistillError
 
 __all__ = [
     "STATE_FILE",
@@ -68,7 +69,7 @@ WEIGHTS_FILE = "model.pt"
 STATE_FILE = "last_state.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DetDistillError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model."""
 
 

@@ -38,6 +38,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from detdistill.auto_weights import DEFAULT_BATCHES, DEFAULT_RATIOS
+from detdistill.errors import DetDistillError
 
 __all__ = [
     "Config",
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(DetDistillError, ValueError):
     """A configuration problem; the message names the dotted key (one line)."""
 
     def __init__(self, message: str, key: str = "") -> None:

@@ -53,12 +53,13 @@ from detdistill.engine.sampling import (
     first_training_batches,
 )
 from detdistill.engine.schedule import build_scheduler, lr_factor
+from detdistill.errors import DetDistillError
 from detdistill.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DetDistillError, RuntimeError):
     """A loss term became NaN or infinite; the last good checkpoint is kept."""
 
 

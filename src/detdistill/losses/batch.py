@@ -22,12 +22,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from detdistill.errors import DetDistillError
 from detdistill.models.output import DetectorOutput
 
 __all__ = ["Candidates", "DistillBatch", "IncompatibleModelsError"]
 
 
-class IncompatibleModelsError(ValueError):
+class IncompatibleModelsError(DetDistillError, ValueError):
     """Teacher and student disagree on what the distillation terms compare."""
 
 

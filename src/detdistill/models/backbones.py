@@ -36,6 +36,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from detdistill.engine.checkpoint import load_state_dict_strict
+from detdistill.errors import DetDistillError
 
 __all__ = [
     "BackboneArgumentError",
@@ -57,7 +58,7 @@ _TORCHVISION_BODIES = (
 _PROBE_SIZE = 64
 
 
-class BackboneArgumentError(TypeError):
+class BackboneArgumentError(DetDistillError, TypeError):
     """An argument the backbone body does not take (``backbone_kwargs`` in a config)."""
 
 

@@ -1,0 +1,17 @@
+"""The one base of every error a user can act on.
+
+Each error class of the package derives from :class:`DetDistillError` and from
+the built-in exception it has always been (``ValueError``, ``RuntimeError``,
+...), so ``except DetDistillError`` catches everything detdistill reports about
+bad input or state, and existing ``except ValueError`` code keeps working. The
+command line prints these as one line (``detdistill <command>: error: ...``);
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DetDistillError"]
+
+
+class DetDistillError(Exception):
+    """Bad input or state that the user can fix; the message says what and where."""
