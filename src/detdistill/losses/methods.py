@@ -8,7 +8,6 @@ their arguments out of a :class:`DistillBatch`, so that a config can say
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -34,6 +33,7 @@ from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
 from detdistill.models.atss import atss_candidates
 from detdistill.models.output import flatten_levels
+from detdistill.registry import Registry
 
 
 class DistillMethod(nn.Module):
@@ -67,30 +67,14 @@ class DistillMethod(nn.Module):
         return None
 
 
-_REGISTRY: dict[str, type[DistillMethod]] = {}
-
-
-def register_method(name: str) -> Callable[[type[DistillMethod]], type[DistillMethod]]:
-    def add(cls: type[DistillMethod]) -> type[DistillMethod]:
-        if name in _REGISTRY:
-            raise ValueError(f"distillation method {name!r} is already registered")
-        _REGISTRY[name] = cls
-        return cls
-
-    return add
-
-
-def list_methods() -> list[str]:
-    return sorted(_REGISTRY)
+METHODS: Registry[type[DistillMethod]] = Registry("distillation method")
+register_method = METHODS.register
+list_methods = METHODS.names
 
 
 def build_method(name: str, **options: object) -> DistillMethod:
     """Instantiate a registered method; unknown names or options name the valid ones."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown distillation method {name!r}; choose from {', '.join(list_methods())}"
-        )
-    cls = _REGISTRY[name]
+    cls = METHODS.get(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:

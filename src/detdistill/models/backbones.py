@@ -23,6 +23,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from detdistill.engine.checkpoint import load_state_dict_strict
 from detdistill.errors import DetDistillError
+from detdistill.registry import Registry
 
 __all__ = [
+    "BODIES",
     "BackboneArgumentError",
     "BackboneFPN",
     "TinyBackbone",
@@ -47,14 +50,8 @@ __all__ = [
     "load_weights_file",
 ]
 
-_TORCHVISION_BODIES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "mobilenet_v2",
-    "mobilenet_v3_large",
-)
+# name -> builder(weights, norm_layer, **kwargs) -> (body, default FPN width)
+BODIES: Registry[Callable[..., tuple[nn.Module, int]]] = Registry("backbone")
 _PROBE_SIZE = 64
 
 
@@ -159,9 +156,7 @@ class BackboneFPN(nn.Module):
         return list(self.fpn(self.body(x)).values())
 
 
-def list_backbones() -> list[str]:
-    """Names accepted by :func:`build_backbone`."""
-    return sorted((*_TORCHVISION_BODIES, "tiny"))
+list_backbones = BODIES.names
 
 
 def load_weights_file(module: nn.Module, path: str | os.PathLike, what: str) -> None:
@@ -205,7 +200,7 @@ def _resolve_weights(weights: Any) -> tuple[WeightsEnum | None, Path | None]:
 
 def _torchvision_body(
     name: str, weights: Any, norm_layer: Callable[..., nn.Module], **kwargs: Any
-) -> nn.Sequential:
+) -> tuple[nn.Module, int]:
     enum, path = _resolve_weights(weights)
     try:
         model = torchvision.models.get_model(name, weights=enum, norm_layer=norm_layer, **kwargs)
@@ -214,10 +209,36 @@ def _torchvision_body(
     if path is not None:
         load_weights_file(model, path, f"torchvision.models.{name}()")
     if name.startswith("resnet"):
-        return nn.Sequential(
-            OrderedDict((n, m) for n, m in model.named_children() if n not in ("avgpool", "fc"))
-        )
-    return model.features
+        children = ((n, m) for n, m in model.named_children() if n not in ("avgpool", "fc"))
+        return nn.Sequential(OrderedDict(children)), 256
+    return model.features, 256
+
+
+for _name in (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+):
+    BODIES.register(_name)(partial(_torchvision_body, _name))
+
+
+@BODIES.register("tiny")
+def _tiny_body(
+    weights: Any, norm_layer: Callable[..., nn.Module], **kwargs: Any
+) -> tuple[nn.Module, int]:
+    try:
+        body = TinyBackbone(norm_layer=norm_layer, **kwargs)
+    except TypeError as exc:
+        raise BackboneArgumentError(f"backbone 'tiny': {exc}") from exc
+    enum, path = _resolve_weights(weights)
+    if enum is not None:
+        raise ValueError("the tiny backbone has no torchvision weights; pass a local file or None")
+    if path is not None:
+        load_weights_file(body, path, "TinyBackbone")
+    return body, 4 * kwargs.get("width", 16)  # a 256-wide neck would dwarf a tiny body
 
 
 def _probe(body: nn.Module, in_channels: int = 3) -> tuple[dict[str, int], dict[str, int]]:
@@ -277,8 +298,7 @@ def build_backbone(
             ``layer1``, torchvision's ``trainable_layers=3``).
         body_kwargs: extra arguments of the body, e.g. ``width``/``depth`` for tiny.
     """
-    if name not in list_backbones():
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
+    builder = BODIES.get(name)
     if norm_layer is None:
         norm_layer = "frozen_bn" if weights is not None else "bn"
     norms: dict[str, Callable[..., nn.Module]] = {
@@ -287,24 +307,7 @@ def build_backbone(
     }
     if norm_layer not in norms:
         raise ValueError(f"norm_layer must be one of {sorted(norms)}, got {norm_layer!r}")
-    norm = norms[norm_layer]
-    body: nn.Module
-    if name == "tiny":
-        try:
-            body = TinyBackbone(norm_layer=norm, **body_kwargs)
-        except TypeError as exc:
-            raise BackboneArgumentError(f"backbone {name!r}: {exc}") from exc
-        enum, path = _resolve_weights(weights)
-        if enum is not None:
-            raise ValueError(
-                "the tiny backbone has no torchvision weights; pass a local file or None"
-            )
-        if path is not None:
-            load_weights_file(body, path, "TinyBackbone")
-        default_channels = 4 * body_kwargs.get("width", 16)
-    else:
-        body = _torchvision_body(name, weights, norm, **body_kwargs)
-        default_channels = 256
+    body, default_channels = builder(weights, norms[norm_layer], **body_kwargs)
     layer_levels, layer_channels = _probe(body)
     _freeze(body, layer_levels, frozen_levels)
     return BackboneFPN(body, layer_levels, layer_channels, levels, out_channels or default_channels)

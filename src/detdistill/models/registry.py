@@ -8,31 +8,17 @@ detector without any conversion.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from torch import nn
 
-__all__ = ["build_detector", "list_detectors", "register_detector"]
+from detdistill.registry import Registry
 
-_DETECTORS: dict[str, Callable[..., nn.Module]] = {}
-_T = TypeVar("_T", bound=Callable[..., nn.Module])
+__all__ = ["DETECTORS", "build_detector", "list_detectors", "register_detector"]
 
-
-def register_detector(name: str) -> Callable[[_T], _T]:
-    """Decorator registering a detector class or builder function under ``name``."""
-
-    def decorator(builder: _T) -> _T:
-        if name in _DETECTORS and _DETECTORS[name] is not builder:
-            raise ValueError(f"detector {name!r} is already registered")
-        _DETECTORS[name] = builder
-        return builder
-
-    return decorator
-
-
-def list_detectors() -> list[str]:
-    """Registered detector names, sorted."""
-    return sorted(_DETECTORS)
+DETECTORS: Registry[Callable[..., nn.Module]] = Registry("detector")
+register_detector = DETECTORS.register
+list_detectors = DETECTORS.names
 
 
 def build_detector(name: str, **kwargs: Any) -> nn.Module:
@@ -41,10 +27,6 @@ def build_detector(name: str, **kwargs: Any) -> nn.Module:
     The name and kwargs are kept on the model as ``build_config`` so that
     checkpoints can record how to rebuild it.
     """
-    if name not in _DETECTORS:
-        raise ValueError(
-            f"unknown detector {name!r}; registered detectors: {', '.join(list_detectors())}"
-        )
-    model = _DETECTORS[name](**kwargs)
+    model = DETECTORS.get(name)(**kwargs)
     model.build_config = {"name": name, "kwargs": dict(kwargs)}
     return model

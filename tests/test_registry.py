@@ -1,0 +1,32 @@
+"""The one registry helper behind detectors, methods and backbones."""
+
+from __future__ import annotations
+
+import pytest
+
+from detdistill.losses.methods import METHODS
+from detdistill.models.backbones import BODIES
+from detdistill.models.registry import DETECTORS
+from detdistill.registry import Registry
+
+
+def test_register_get_names_and_errors():
+    things: Registry[object] = Registry("thing")
+
+    @things.register("b")
+    def build_b():
+        return "b"
+
+    things.register("a")(len)
+    assert things.names() == ["a", "b"] and things.get("b") is build_b
+    things.register("b")(build_b)  # the same builder again is harmless (module reloads)
+    with pytest.raises(ValueError, match="thing 'b' is already registered"):
+        things.register("b")(len)
+    with pytest.raises(ValueError, match="unknown thing 'c'; registered things: a, b"):
+        things.get("c")
+
+
+def test_the_three_kinds_share_it():
+    for registry, kind in ((DETECTORS, "detector"), (METHODS, "distillation method"),
+                           (BODIES, "backbone")):  # fmt: skip
+        assert isinstance(registry, Registry) and registry.kind == kind and registry.names()
