@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace, distill: bool) -> int:
         if not report.ok:
             return 2
     result = run(cfg, resume=args.resume, show_progress=not args.no_progress)
-    from detdistill.report import metrics_table
+    from detdistill.tables import metrics_table
 
     print(metrics_table({Path(cfg.output_dir).name: result.metrics}))
     print(f"{result.status}: weights in {result.run_dir / 'model.pt'}")
@@ -73,7 +73,7 @@ def _cmd_train(args: argparse.Namespace, distill: bool) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from detdistill.engine.evaluate_checkpoint import evaluate_checkpoint
-    from detdistill.report import metrics_table
+    from detdistill.tables import metrics_table
 
     result = evaluate_checkpoint(
         args.checkpoint,
@@ -100,7 +100,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from detdistill.report import compare_runs
+    from detdistill.tables import compare_runs
 
     print(compare_runs([Path(p) for p in args.runs], plot=args.plot))
     return 0

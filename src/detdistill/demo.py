@@ -15,7 +15,7 @@ from detdistill.engine.checkpoint import WEIGHTS_FILE, CheckpointError, load_che
 from detdistill.engine.config import Config, config_to_dict
 from detdistill.engine.presets import load_preset_or_file
 from detdistill.engine.trainer import run
-from detdistill.report import metrics_table
+from detdistill.tables import metrics_table
 
 QUICK = [
     "data.num_train=256",

@@ -24,55 +24,17 @@ from detdistill.analysis.report import render_report
 from detdistill.analysis.summary import json_safe, rank_summary
 from detdistill.data import (
     ClassMismatchError,
-    CocoDetection,
     DataError,
-    VOCDetection,
-    build_transforms,
 )
 from detdistill.distill import check_compatible
-from detdistill.engine.builders import LoadedModel, build_datasets, build_eval_loader, load_detector
+from detdistill.engine.builders import LoadedModel, build_eval_loader, load_detector
 from detdistill.engine.config import ConfigError
 from detdistill.engine.distributed import resolve_device
+from detdistill.engine.evaluate_checkpoint import evaluation_data
 
 __all__ = ["run_analysis"]
 
 FIGURE_GLOBS = ("candidates_*.png", "feature_vs_prediction_*.png")
-
-
-def _images_dir(annotation_file: Path, images: str | Path | None) -> Path:
-    if images is not None:
-        return Path(images)
-    for candidate in (annotation_file.parent / "images", annotation_file.parent):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"no images folder next to {annotation_file}: pass --images")
-
-
-def _dataset(
-    student: LoadedModel,
-    data: str | Path | None,
-    images: str | Path | None,
-    data_format: str,
-    split: str,
-) -> tuple[Dataset, str]:
-    """The data set ``detdistill eval`` would use, and a description of it."""
-    if data is None:
-        if images is not None:
-            raise ConfigError("--images needs --data (a COCO annotation file)")
-        dataset = build_datasets(student.data, train=False).val
-        return dataset, "the student's validation set (from its saved config)"
-    transforms = build_transforms(False, student.image_size)
-    if data_format == "voc":
-        dataset = VOCDetection(data, split, class_names=student.class_names, transforms=transforms)
-        return dataset, f"VOC `{data}` split `{split}`"
-    if data_format != "coco":
-        raise ConfigError(f"data_format must be 'coco' or 'voc', got {data_format!r}")
-    annotation_file = Path(data)
-    dataset = CocoDetection(
-        _images_dir(annotation_file, images), annotation_file, transforms,
-        class_names=student.class_names,
-    )  # fmt: skip
-    return dataset, f"COCO `{annotation_file}`"
 
 
 def _check_classes(teacher: LoadedModel, student: LoadedModel, dataset: Dataset) -> None:
@@ -152,7 +114,7 @@ def run_analysis(
     teacher = load_detector(teacher_ckpt, map_location=torch_device)
     student = load_detector(student_ckpt, map_location=torch_device)
     check_compatible(teacher.model, student.model)
-    dataset, description = _dataset(student, data, images, data_format, split)
+    dataset, description, _ = evaluation_data(student, data, images, data_format, split)
     _check_classes(teacher, student, dataset)
     if len(dataset) == 0:
         raise DataError(f"no images to analyse in {description}")

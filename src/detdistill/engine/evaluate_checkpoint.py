@@ -4,19 +4,68 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from detdistill.data import CocoDetection, VOCDetection, build_transforms
-from detdistill.engine.builders import build_datasets, build_eval_loader, load_detector
+from detdistill.engine.builders import (
+    LoadedModel,
+    build_datasets,
+    build_eval_loader,
+    load_detector,
+)
+from detdistill.engine.config import ConfigError
 from detdistill.engine.distributed import resolve_device
 from detdistill.evaluation import evaluate
 
 
-def _default_images_dir(annotation_file: Path) -> Path:
+class EvalData(NamedTuple):
+    """A data set to evaluate on, how to describe it, and a short tag for file names."""
+
+    dataset: Any
+    description: str
+    tag: str
+
+
+def _images_dir(annotation_file: Path, images: str | Path | None) -> Path:
+    if images is not None:
+        return Path(images)
     for candidate in (annotation_file.parent / "images", annotation_file.parent):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"no images folder next to {annotation_file}: pass --images")
+
+
+def evaluation_data(
+    loaded: LoadedModel,
+    data: str | Path | None = None,
+    images: str | Path | None = None,
+    data_format: str = "coco",
+    split: str = "val",
+) -> EvalData:
+    """The data set ``eval`` and ``analyze`` use for a saved model (one rule for both).
+
+    Without ``data``: the validation set of the model's own saved config. With
+    it: a COCO annotation file (images from ``images``, else an ``images/``
+    folder beside it, else its folder) or a VOC directory and ``split``. The
+    data set's classes must be the model's, or the error names them.
+    """
+    if data is None:
+        if images is not None:
+            raise ConfigError("--images needs --data (a COCO annotation file)")
+        dataset = build_datasets(loaded.data, train=False).val
+        return EvalData(dataset, "the model's validation set (from its saved config)", "val")
+    transforms = build_transforms(False, loaded.image_size)
+    if data_format == "voc":
+        dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)
+        return EvalData(dataset, f"VOC `{data}` split `{split}`", f"{Path(data).name}_{split}")
+    if data_format != "coco":
+        raise ConfigError(f"data_format must be 'coco' or 'voc', got {data_format!r}")
+    annotation_file = Path(data)
+    dataset = CocoDetection(
+        _images_dir(annotation_file, images), annotation_file, transforms,
+        class_names=loaded.class_names,
+    )  # fmt: skip
+    return EvalData(dataset, f"COCO `{annotation_file}`", annotation_file.stem)
 
 
 def evaluate_checkpoint(
@@ -37,20 +86,7 @@ def evaluate_checkpoint(
     torch_device = resolve_device(device)
     loaded = load_detector(checkpoint, map_location=torch_device)
     model = loaded.model.to(torch_device)
-    transforms = build_transforms(False, loaded.image_size)
-    if data is None:
-        dataset = build_datasets(loaded.data, train=False).val
-        name = "val"
-    elif data_format == "voc":
-        dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)
-        name = f"{Path(data).name}_{split}"
-    else:
-        annotation_file = Path(data)
-        images_dir = Path(images) if images else _default_images_dir(annotation_file)
-        dataset = CocoDetection(
-            images_dir, annotation_file, transforms, class_names=loaded.class_names
-        )
-        name = annotation_file.stem
+    dataset, _, name = evaluation_data(loaded, data, images, data_format, split)
     loader = build_eval_loader(dataset, batch_size, num_workers=0)
     result = evaluate(model, loader, dataset, device=torch_device)
     out_path = Path(out) if out else Path(checkpoint).parent / f"metrics_{name}.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from detdistill.report import compare_runs, metrics_table
+from detdistill.tables import compare_runs, metrics_table
 
 
 def test_metrics_table_percentages_gain_and_missing_sizes():

@@ -1,4 +1,4 @@
-"""Tables and plots of results: one place that formats what every command prints."""
+"""Metric tables and run comparisons: one place that formats what every command prints."""
 
 from __future__ import annotations
 
