@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_data_dir
+from conftest import TINY_OVERRIDES, tiny_data_dir
 from detdistill.engine.builders import build_model, load_detector
 from detdistill.engine.checkpoint import load_checkpoint, make_weights_payload, save_checkpoint
 from detdistill.engine.config import config_to_dict, load_config
@@ -17,16 +17,11 @@ from detdistill.engine.presets import preset_path
 from detdistill.engine.trainer import NonFiniteLossError, Trainer, run
 from detdistill.models import build_detector
 
+# The shared tiny settings, with more images and epochs: resume and curves need several steps.
 TINY = [
-    "data.name=shapes",
+    *TINY_OVERRIDES,
     "data.num_train=24",
-    "data.num_val=8",
-    "data.image_size=64",
-    "data.batch_size=4",
-    "data.num_workers=0",
     "data.hflip=0.5",
-    "model.num_classes=6",
-    "model.backbone_kwargs={width: 4, depth: 1}",
     "train.epochs=2",
     "train.warmup_iters=2",
     "train.log_interval=1",

@@ -275,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("data", help="embedded data sets")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data_sub = p.add_subparsers(
+        dest="data_command", required=True, metavar="ACTION", help="make: write a data set"
+    )
     make = data_sub.add_parser("make", help="write an embedded data set in COCO format")
-    make.add_argument("name", choices=["digits", "shapes"])
+    make.add_argument("name", choices=["digits", "shapes"], help="which embedded set")
     make.add_argument("--out", required=True, help="output folder")
     make.add_argument("--num-train", type=int, default=3000, help="training images (default: 3000)")
     make.add_argument("--num-val", type=int, default=500, help="validation images (default: 500)")
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export the student alone (no teacher, no adapters) to ONNX")
     p.add_argument("checkpoint", help="a model.pt")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.set_defaults(func=_cmd_export)
