@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from detdistill.data import CocoDetection, build_loader, build_transforms, collate_fn
+from detdistill.data import CocoDetection, build_transforms, collate_fn
+from detdistill.engine.sampling import ResumableBatchSampler, SeededAugmentation
 
 
 def sample(h: int = 100, w: int = 200, boxes=((10.0, 20.0, 50.0, 60.0),)):
@@ -119,50 +117,49 @@ def test_collate_keeps_lists():
     assert collate_fn([]) == ([], [])
 
 
-def order(loader, epochs: int = 2) -> list[list[int]]:
-    return [[t["image_id"] for _, targets in loader for t in targets] for _ in range(epochs)]
+def epoch_ids(ds, seed: int, epoch: int, num_workers: int = 0, **sampler_kwargs) -> list:
+    """Image ids and first-box x of one epoch through the training path's loader."""
+    augmented = SeededAugmentation(ds, seed)
+    augmented.set_epoch(epoch)
+    sampler = ResumableBatchSampler(len(ds), 2, shuffle=True, seed=seed, **sampler_kwargs)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(augmented, batch_sampler=sampler, collate_fn=collate_fn,
+                        num_workers=num_workers)  # fmt: skip
+    return [(t["image_id"], t["boxes"][0, 0].item()) for _, targets in loader for t in targets]
 
 
-def test_seeded_shuffling(tmp_path):
+def test_training_order_depends_on_seed_and_epoch_only(tmp_path):
     ds = write_dataset(tmp_path)
-    a = order(build_loader(ds, 2, train=True, seed=1))
-    b = order(build_loader(ds, 2, train=True, seed=1))
-    c = order(build_loader(ds, 2, train=True, seed=2))
-    assert a == b and a != c
-    assert a[0] != a[1] and sorted(a[0]) == list(range(1, 7))
-    assert order(build_loader(ds, 4, train=False), 1) == [[1, 2, 3, 4, 5, 6]]
+    a, again, other = epoch_ids(ds, 1, 0), epoch_ids(ds, 1, 0), epoch_ids(ds, 2, 0)
+    assert a == again and [i for i, _ in a] != [i for i, _ in other]
+    next_epoch = epoch_ids(ds, 1, 1)
+    assert sorted(i for i, _ in a) == sorted(i for i, _ in next_epoch) == list(range(1, 7))
+    assert [i for i, _ in a] != [i for i, _ in next_epoch]
+    sequential = ResumableBatchSampler(6, 4, shuffle=False, drop_last=False)
+    assert list(sequential) == [[0, 1, 2, 3], [4, 5]]
+    resumed = ResumableBatchSampler(6, 2, shuffle=True, seed=1)
+    resumed.set_epoch(0, start_batch=1)
+    full = ResumableBatchSampler(6, 2, shuffle=True, seed=1)
+    assert list(resumed) == list(full)[1:] and len(resumed) == 2
 
 
-def test_random_transforms_reproducible_with_workers(tmp_path):
+def test_random_transforms_do_not_depend_on_the_worker_count(tmp_path):
     ds = write_dataset(tmp_path)
     ds.transforms = build_transforms(True, 100, hflip=0.5)
-
-    def boxes(seed):
-        loader = build_loader(ds, 3, train=True, num_workers=2, seed=seed)
-        return [t["boxes"][0, 0].item() for _, targets in loader for t in targets]
-
-    first, again, other = boxes(0), boxes(0), boxes(5)
-    assert first == again
-    assert first != other
-    assert set(first) <= {5.0, 75.0}
+    in_process, workers = epoch_ids(ds, 0, 0), epoch_ids(ds, 0, 0, num_workers=2)
+    assert in_process == workers
+    assert in_process != epoch_ids(ds, 5, 0)
+    assert {x for _, x in in_process} <= {5.0, 75.0}
 
 
-def test_distributed_sampler(tmp_path, monkeypatch):
-    ds = write_dataset(tmp_path)
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        loader = build_loader(ds, 2, train=True, distributed=True, seed=3)
-        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.seed == 3
-        loader.sampler.set_epoch(0)
-        e0 = order(loader, 1)[0]
-        loader.sampler.set_epoch(1)
-        e1 = order(loader, 1)[0]
-        assert sorted(e0) == sorted(e1) == list(range(1, 7)) and e0 != e1
-        assert not build_loader(ds, 2, train=False, distributed=True).sampler.shuffle
-    finally:
-        dist.destroy_process_group()
-    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+def test_ranks_share_one_permutation_without_duplicates():
+    ranks = [
+        ResumableBatchSampler(7, 2, shuffle=True, seed=3, rank=r, world_size=2) for r in (0, 1)
+    ]
+    seen = [i for sampler in ranks for batch in sampler for i in batch]
+    assert len(seen) == len(set(seen)) == 6  # 3 full batches of 2 ranks x 2; the 7th is dropped
+    evaluation = [
+        ResumableBatchSampler(7, 2, shuffle=False, rank=r, world_size=2, drop_last=False)
+        for r in (0, 1)
+    ]
+    assert sorted(i for s in evaluation for b in s for i in b) == list(range(7))

@@ -15,7 +15,7 @@ from detdistill.data.errors import (
     DataError,
     ImageReadError,
 )
-from detdistill.data.loader import build_loader, collate_fn
+from detdistill.data.loader import batch_to_device, collate_fn
 from detdistill.data.problems import PROBLEM_KINDS, DataProblems
 from detdistill.data.transforms import build_transforms
 from detdistill.data.voc import VOCDetection, parse_voc_xml
@@ -33,7 +33,7 @@ __all__ = [
     "ImageReadError",
     "ImageRecord",
     "VOCDetection",
-    "build_loader",
+    "batch_to_device",
     "build_transforms",
     "check_class_names",
     "collate_fn",
