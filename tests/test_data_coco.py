@@ -17,10 +17,10 @@ from detdistill.data import (
     CocoDetection,
     DataError,
     ImageReadError,
-    build_loader,
     check_class_names,
     collate_fn,
 )
+from detdistill.engine.builders import build_eval_loader
 
 CATS = [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]  # ids deliberately unsorted
 
@@ -295,5 +295,5 @@ def test_missing_width_height_read_from_header(tmp_path):
 def test_loader_batches_lists(tmp_path):
     img_dir, path = make_coco(tmp_path)
     ds = CocoDetection(img_dir, path)
-    images, targets = next(iter(build_loader(ds, batch_size=2, train=False)))
+    images, targets = next(iter(build_eval_loader(ds, 2, num_workers=0)))
     assert isinstance(images, list) and len(images) == 2 and targets[0]["image_id"] == 1

@@ -18,7 +18,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Subset
 
-from detdistill.data import CocoDetection, build_loader, build_transforms
+from detdistill.data import CocoDetection, build_transforms
+from detdistill.engine.builders import build_eval_loader
 from detdistill.evaluation import (
     METRIC_KEYS,
     coco_metrics,
@@ -236,7 +237,7 @@ def test_evaluator_converts_back_to_original_coordinates(dataset):
     }
     model = GroundTruthModel(json.loads(dataset.coco_annotation_file.read_text()))
     model.train()
-    result = evaluate(model, build_loader(dataset, 2, train=False), dataset, progress=False)
+    result = evaluate(model, build_eval_loader(dataset, 2, num_workers=0), dataset, progress=False)
     assert all(result[k] == pytest.approx(1.0) for k in ("mAP", "AP50", "AP75"))
     assert result["per_class"] == {"p": pytest.approx(1.0), "q": pytest.approx(1.0)}
     assert result["num_images"] == 5 and result["num_detections"] == 10
@@ -246,10 +247,10 @@ def test_evaluator_converts_back_to_original_coordinates(dataset):
 def test_evaluator_on_subset_and_with_an_unreadable_image(dataset):
     model = GroundTruthModel(json.loads(dataset.coco_annotation_file.read_text()))
     subset = Subset(dataset, [0, 2])
-    result = evaluate(model, build_loader(subset, 2, train=False), subset, progress=False)
+    result = evaluate(model, build_eval_loader(subset, 2, num_workers=0), subset, progress=False)
     assert result["num_images"] == 2 and result["mAP"] == pytest.approx(1.0)
     (dataset.images_dir / "3.png").write_bytes(b"broken")
-    result = evaluate(model, build_loader(dataset, 2, train=False), dataset, progress=False)
+    result = evaluate(model, build_eval_loader(dataset, 2, num_workers=0), dataset, progress=False)
     assert result["num_images"] == 4 and result["mAP"] == pytest.approx(
         1.0
     )  # image 4 served twice, once counted
@@ -268,7 +269,7 @@ def _distributed_worker(rank: int, world: int, port: int, root: str, queue) -> N
             Path(root) / "img", Path(root) / "ann.json", transforms=build_transforms(False, 75)
         )
         model = GroundTruthModel(json.loads(ds.coco_annotation_file.read_text()))
-        loader = build_loader(ds, 1, train=False, distributed=True)
+        loader = build_eval_loader(ds, 1, num_workers=0)
         queue.put((rank, len(loader), evaluate(model, loader, ds, progress=False)))
     finally:
         torch.distributed.destroy_process_group()
@@ -285,6 +286,6 @@ def test_distributed_evaluation_gathers_and_broadcasts(tmp_path):
         _distributed_worker, args=(2, port, str(tmp_path), queue), nprocs=2, start_method="spawn"
     )
     results = sorted(queue.get(timeout=60) for _ in range(2))
-    assert [r[1] for r in results] == [3, 3]  # 5 images over 2 ranks: one padded repeat
+    assert [r[1] for r in results] == [3, 2]  # 5 images over 2 ranks, no padded repeat
     assert results[0][2] == results[1][2]  # every rank gets rank 0's dict
     assert results[0][2]["num_images"] == 5 and results[0][2]["mAP"] == pytest.approx(1.0)
