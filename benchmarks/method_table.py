@@ -76,6 +76,11 @@ def preset_methods(distill_preset: str) -> dict[str, dict[str, float]]:
     }
 
 
+def _completed(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
+
+
 def run_one(job: dict) -> dict:
     """Train one run (in its own process when --jobs > 1) and return its table row."""
     import torch
@@ -86,7 +91,7 @@ def run_one(job: dict) -> dict:
 
     run_dir = Path(job["output_dir"])
     summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+    if _completed(run_dir):
         metrics = json.loads(summary.read_text())["metrics"]
         chosen = json.loads(summary.read_text()).get("distill_weights")
         wall = (
@@ -220,6 +225,9 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], help="config override for every run"
     )
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--only-completed", action="store_true",
+                        help="train nothing: tabulate the runs already completed in --workdir "
+                             "(rows and seeds without one are left out and listed)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: 1 with --jobs > 1, else all cores)")  # fmt: skip
     parser.add_argument(
@@ -250,6 +258,8 @@ def main() -> None:
         "output_dir": str(teacher_dir), "overrides": [*args.overrides, f"output_dir={teacher_dir}"],
         "epochs": None, "threads": os.cpu_count() or 1,
     }  # fmt: skip
+    if args.only_completed and not _completed(teacher_dir):
+        sys.exit(f"{teacher_dir} has no completed teacher; --only-completed trains nothing")
     teacher = run_one(teacher_job)
     jobs = []
     for method in args.methods:
@@ -275,6 +285,12 @@ def main() -> None:
                          "row_overrides": row_overrides.get(method, []),
                          "preset": preset, "output_dir": str(out_dir), "overrides": overrides,
                          "epochs": None, "threads": threads})  # fmt: skip
+    if args.only_completed:
+        done = [j for j in jobs if _completed(Path(j["output_dir"]))]
+        missing = sorted(j["name"] for j in jobs if j not in done)
+        if missing:
+            print(f"left out (not completed): {', '.join(missing)}", file=sys.stderr)
+        jobs = done
     if args.jobs > 1:
         with ProcessPoolExecutor(
             args.jobs, mp_context=multiprocessing.get_context("spawn")
