@@ -46,8 +46,10 @@ class OneStageDetector(nn.Module):
         norm_layer, frozen_levels: see :func:`~detdistill.models.build_backbone`.
         min_size, max_size, image_mean, image_std, fixed_size: the
             ``GeneralizedRCNNTransform`` settings (torchvision defaults).
-        size_divisible: padding multiple of the batch; default the largest stride,
-            so every level has an exact integer grid.
+        size_divisible: padding multiple of the batch (torchvision's 32). A
+            level whose stride does not divide the padded size gets
+            ``ceil(size / stride)`` cells, as torchvision's P6/P7 do; anchors
+            come from the known strides, so they stay exact.
         score_thresh, nms_thresh, detections_per_img, topk_candidates: inference.
     """
 
@@ -70,7 +72,7 @@ class OneStageDetector(nn.Module):
         max_size: int = 1333,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
-        size_divisible: int | None = None,
+        size_divisible: int = 32,
         fixed_size: tuple[int, int] | None = None,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
@@ -95,11 +97,8 @@ class OneStageDetector(nn.Module):
         self.strides: tuple[int, ...] = tuple(backbone.strides)
         self.levels: tuple[int, ...] = tuple(backbone.levels)
         self.out_channels: int = backbone.out_channels
-        size_divisible = size_divisible or max(self.strides)
-        if size_divisible % max(self.strides):
-            raise ValueError(
-                f"size_divisible={size_divisible} must be a multiple of the largest stride"
-            )
+        if size_divisible < 1:
+            raise ValueError(f"size_divisible must be >= 1, got {size_divisible}")
         self.transform = GeneralizedRCNNTransform(
             min_size,
             max_size,
