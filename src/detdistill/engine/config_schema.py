@@ -1,0 +1,162 @@
+"""The run configuration's schema: sections as dataclasses, ranges next to their fields.
+
+Every key a preset may set is declared here with its type, default and (where
+one applies) its range check; :mod:`detdistill.engine.config` reads YAML and
+overrides into these classes and checks them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from detdistill.auto_weights import DEFAULT_BATCHES, DEFAULT_RATIOS
+from detdistill.errors import DetDistillError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "ModelConfig",
+    "TrainConfig",
+]
+
+
+class ConfigError(DetDistillError, ValueError):
+    """A configuration problem; the message names the dotted key (one line)."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------
+# Range checks, attached to fields as metadata so they sit next to the field.
+
+
+def _check(predicate: Callable[[Any], bool], message: str) -> dict[str, Any]:
+    return {"check": (predicate, message)}
+
+
+_POSITIVE = _check(lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
+_OPTIONAL_POSITIVE = _check(lambda v: v is None or v > 0, "must be > 0 or null")
+_PROBABILITY = _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_UNIT_RIGHT_CLOSED = _check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+_OPEN_UNIT = _check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
+_NON_EMPTY = _check(lambda v: len(v) > 0, "must not be empty")
+_WEIGHTS = _check(
+    lambda v: all(w == "auto" or w >= 0 for w in v.values()), "weights must be >= 0 or 'auto'"
+)
+_RATIOS = _check(lambda v: all(r > 0 for r in v.values()), "ratios must be > 0")
+_DEVICE = _check(
+    lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
+    "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+)
+
+
+# ---------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched (per process)."""
+
+    format: Literal["embedded", "coco", "voc"] = "embedded"
+    name: str = "digits"
+    root: str = ".cache/detdistill/data"
+    # Which embedded data set: its own seed, not the run's, so that runs with
+    # different seeds train and evaluate on the same images.
+    seed: int = 0
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    num_train: int = field(default=3000, metadata=_POSITIVE)
+    num_val: int = field(default=500, metadata=_POSITIVE)
+    image_size: int = field(default=128, metadata=_POSITIVE)
+    multiscale: list[int] = field(default_factory=list)
+    hflip: float = field(default=0.5, metadata=_PROBABILITY)
+    batch_size: int = field(default=16, metadata=_POSITIVE)
+    num_workers: int = field(default=2, metadata=_NON_NEGATIVE)
+
+
+@dataclass
+class ModelConfig:
+    """Which detector to build; ``kwargs`` go to the detector builder."""
+
+    name: str = "retinanet"
+    backbone: str = "tiny"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights_backbone: str | None = None
+    num_classes: int = field(default=10, metadata=_POSITIVE)
+    levels: list[int] = field(default_factory=lambda: [3, 4, 5], metadata=_NON_EMPTY)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule; ``max_steps`` stops early for smoke runs."""
+
+    epochs: int = field(default=12, metadata=_POSITIVE)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = field(default=0.01, metadata=_POSITIVE)
+    momentum: float = field(default=0.9, metadata=_PROBABILITY)
+    weight_decay: float = field(default=1e-4, metadata=_NON_NEGATIVE)
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: list[int] = field(default_factory=lambda: [8, 11])
+    gamma: float = field(default=0.1, metadata=_POSITIVE)
+    warmup_iters: int = field(default=100, metadata=_NON_NEGATIVE)
+    warmup_factor: float = field(default=0.001, metadata=_UNIT_RIGHT_CLOSED)
+    grad_clip: float | None = field(default=10.0, metadata=_OPTIONAL_POSITIVE)
+    amp: bool = False
+    ema: bool = False
+    ema_decay: float = field(default=0.9998, metadata=_OPEN_UNIT)
+    eval_interval: int = field(default=1, metadata=_NON_NEGATIVE)  # 0: after the last epoch only
+    log_interval: int = field(default=20, metadata=_POSITIVE)
+    max_steps: int | None = field(default=None, metadata=_OPTIONAL_POSITIVE)
+
+
+@dataclass
+class DistillConfig:
+    """Teacher and distillation terms; ``methods`` maps method name to loss weight.
+
+    A weight may be ``auto``: chosen before the first step so that the term's
+    gradient on the student parameters it reaches is ``auto_ratio[kind]`` times
+    the detection loss's, measured on the first ``auto_batches`` batches; the
+    kind is ``features`` or ``outputs``, what the method imitates
+    (:mod:`detdistill.auto_weights`). ``teacher_model`` may be left out: the
+    teacher checkpoint stores its own config, which is the safest description
+    of the weights it holds.
+    """
+
+    teacher_checkpoint: str
+    teacher_model: ModelConfig | None = None
+    methods: dict[str, float | Literal["auto"]] = field(
+        default_factory=lambda: {"rm": "auto", "pfi": "auto"}, metadata=_WEIGHTS
+    )
+    auto_ratio: dict[Literal["features", "outputs"], float] = field(
+        default_factory=lambda: dict(DEFAULT_RATIOS), metadata=_RATIOS
+    )
+    auto_batches: int = field(default=DEFAULT_BATCHES, metadata=_POSITIVE)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teacher_half: bool = False
+
+
+@dataclass
+class Config:
+    """One run: data, model, optimisation and (optionally) distillation."""
+
+    seed: int = 0
+    output_dir: str = "runs/run"
+    device: str = field(default="auto", metadata=_DEVICE)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None
