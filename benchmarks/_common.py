@@ -35,8 +35,8 @@ def environment() -> dict[str, object]:
     }
 
 
-def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Best wall time of ``repeats`` calls: the least disturbed by other work on the machine."""
+def call_times(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -44,7 +44,12 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Best wall time of ``repeats`` calls: the least disturbed by other work on the machine."""
+    return min(call_times(fn, repeats, warmup))
 
 
 def emit(result: dict, out: str | None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -26,7 +25,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from _common import emit, environment
+from _common import call_times, emit, environment
 from detdistill.models import build_detector
 
 NUM_CLASSES = 10
@@ -63,13 +62,7 @@ def batch(size: int) -> tuple[list[torch.Tensor], list[dict]]:
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, repeats))
 
 
 def timings(model: torch.nn.Module, images, targets, repeats: int) -> dict[str, float]:
