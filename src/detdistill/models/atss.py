@@ -23,7 +23,6 @@ from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSRegres
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from .anchors import default_anchor_scale, octave_anchor_sizes
 from .base import OneStageDetector
 from .output import DetectorOutput
 from .registry import register_detector
@@ -204,15 +203,7 @@ class ATSS(OneStageDetector):
             topk_candidates=topk_candidates,
             **kwargs,
         )
-        if anchor_sizes is None:
-            if anchor_scale is None:
-                anchor_scale = default_anchor_scale(8.0, self.transform.max_size, max(self.strides))
-            anchor_sizes = octave_anchor_sizes(self.strides, anchor_scale, scales_per_octave)
-        if len(anchor_sizes) != len(self.strides):
-            raise ValueError(
-                f"need anchor sizes for {len(self.strides)} levels, got {len(anchor_sizes)}"
-            )
-        self._init_anchor_generator(tuple(tuple(s) for s in anchor_sizes), aspect_ratios)
+        self._init_octave_anchors(anchor_sizes, anchor_scale, 8.0, scales_per_octave, aspect_ratios)
         self.topk = topk
         self.head = self.build_head(num_classes, num_convs)
 

@@ -23,6 +23,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
+from .anchors import default_anchor_scale, octave_anchor_sizes
 from .backbones import BackboneFPN, build_backbone
 from .output import DetectorOutput, flatten_level
 
@@ -159,6 +160,28 @@ class OneStageDetector(nn.Module):
         if len(per_loc) != 1:
             raise ValueError("every level needs the same number of anchors per location")
         self.num_anchors_per_location = per_loc.pop()
+
+    def _init_octave_anchors(
+        self,
+        anchor_sizes: tuple[tuple[int, ...], ...] | None,
+        anchor_scale: float | None,
+        reference_scale: float,
+        scales_per_octave: int,
+        aspect_ratios: tuple[float, ...],
+    ) -> None:
+        """Anchors of ``anchor_scale`` strides per level (default: ``reference_scale``, the
+        COCO value, scaled to the input size), ``scales_per_octave`` sizes each."""
+        if anchor_sizes is None:
+            if anchor_scale is None:
+                anchor_scale = default_anchor_scale(
+                    reference_scale, self.transform.max_size, max(self.strides)
+                )
+            anchor_sizes = octave_anchor_sizes(self.strides, anchor_scale, scales_per_octave)
+        if len(anchor_sizes) != len(self.strides):
+            raise ValueError(
+                f"need anchor sizes for {len(self.strides)} levels, got {len(anchor_sizes)}"
+            )
+        self._init_anchor_generator(tuple(tuple(s) for s in anchor_sizes), aspect_ratios)
 
     def make_anchors(self, features: list[Tensor], num_images: int) -> list[Tensor]:
         """Anchors per image, from the known strides (not from padded-size division).

@@ -20,7 +20,6 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import boxes as box_ops
 
-from .anchors import default_anchor_scale, octave_anchor_sizes
 from .base import OneStageDetector
 from .output import DetectorOutput
 from .registry import register_detector
@@ -77,15 +76,7 @@ class RetinaNet(OneStageDetector):
             topk_candidates=topk_candidates,
             **kwargs,
         )
-        if anchor_sizes is None:
-            if anchor_scale is None:
-                anchor_scale = default_anchor_scale(4.0, self.transform.max_size, max(self.strides))
-            anchor_sizes = octave_anchor_sizes(self.strides, anchor_scale, scales_per_octave)
-        if len(anchor_sizes) != len(self.strides):
-            raise ValueError(
-                f"need anchor sizes for {len(self.strides)} levels, got {len(anchor_sizes)}"
-            )
-        self._init_anchor_generator(tuple(tuple(s) for s in anchor_sizes), aspect_ratios)
+        self._init_octave_anchors(anchor_sizes, anchor_scale, 4.0, scales_per_octave, aspect_ratios)
         if bbox_loss not in ("l1", "smooth_l1", "giou"):
             raise ValueError(f"bbox_loss must be 'l1', 'smooth_l1' or 'giou', got {bbox_loss!r}")
         if head_norm not in (None, "gn"):
