@@ -47,16 +47,22 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from detdistill.engine import config_schema
 from detdistill.engine.config_schema import (
     Config,
     ConfigError,
     DataConfig,
+    DistillConfig,
     ModelConfig,
+    TrainConfig,
 )
 
 __all__ = [
-    *config_schema.__all__,
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "ModelConfig",
+    "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "config_section",
