@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from detdistill import __version__
 
@@ -42,6 +43,35 @@ def _add_config_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs still written)"
     )
+
+
+def _add_slice_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--slice-size", type=int, default=None, metavar="PX",
+        help="run on overlapping PX x PX windows of each image at its native resolution and "
+        "merge the detections (large images, small objects; e.g. the training tile size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slice-overlap", type=float, default=0.2,
+        help="fraction of a window its neighbour shares (default: 0.2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--slice-merge", choices=["ios", "nms"], default="ios",
+        help="merge across windows by intersection over the smaller box (default) or IoU NMS",
+    )  # fmt: skip
+
+
+def _slices(args: argparse.Namespace) -> Any:
+    from detdistill.slicing import SliceSettings
+
+    if args.slice_size is None:
+        return None
+    try:
+        return SliceSettings(args.slice_size, args.slice_overlap, merge=args.slice_merge)
+    except ValueError as exc:
+        from detdistill.engine.config import ConfigError
+
+        raise ConfigError(str(exc)) from None
 
 
 def _cmd_train(args: argparse.Namespace, distill: bool) -> int:
@@ -83,6 +113,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         split=args.split,
         batch_size=args.batch_size,
         out=args.out,
+        slices=_slices(args),
     )
     print(metrics_table({Path(args.checkpoint).parent.name or "model": result["metrics"]}))
     if args.per_class:
@@ -160,6 +191,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         max_detections=args.max_detections,
         batch_size=args.batch_size,
         show_progress=not args.no_progress,
+        slices=_slices(args),
     )
     print(
         f"{summary['images']} images, {summary['detections']} detections, "
@@ -249,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     p.add_argument("--out", help="JSON output (default: metrics_<data>.json beside the checkpoint)")
     p.add_argument("--per-class", action="store_true", help="also print per-class AP")
+    _add_slice_args(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -323,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-detections", type=int, default=100, help="per image (default: 100)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_slice_args(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export the student alone (no teacher, no adapters) to ONNX")

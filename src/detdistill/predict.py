@@ -9,6 +9,7 @@ detector itself already returns boxes in each input image's original pixels
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from detdistill.data.errors import ImageReadError
 from detdistill.data.image_io import read_image
 from detdistill.engine.config import ConfigError
 from detdistill.errors import DetDistillError
+from detdistill.slicing import SlicedDetector, SliceSettings
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -149,17 +151,23 @@ class Predictor:
         images: ImageInput | Sequence[ImageInput],
         score_threshold: float | None = None,
         max_detections: int | None = None,
+        slices: SliceSettings | None = None,
     ) -> list[dict[str, Any]]:
         """Detections for one image or a list (always a list of per-image dicts).
 
-        ``score_threshold``/``max_detections`` default to the detector's own settings.
+        ``score_threshold``/``max_detections`` default to the detector's own
+        settings. ``slices`` runs the detector on overlapping windows of each
+        image at its native resolution and merges them
+        (:mod:`detdistill.slicing`), e.g. ``SliceSettings(size=512)`` for a
+        model trained on 512 px tiles; boxes are still in the image's pixels.
         """
         items, _ = _as_list(images)
         if not items:
             return []
         tensors = [to_tensor(image).to(self.device) for image in items]
+        model = self.model if slices is None else SlicedDetector(self.model, slices)
         with self._settings(score_threshold, max_detections):
-            outputs = self.model(tensors)
+            outputs = model(tensors)
         results = []
         for out in outputs:
             labels = out["labels"].cpu()
@@ -265,8 +273,11 @@ def run_predict(
     batch_size: int = 8,
     show_progress: bool = True,
     device: str | torch.device = "cpu",
+    slices: SliceSettings | None = None,
 ) -> dict[str, Any]:
     """Detect on files/folders; write drawn images, ``results.json`` and ``summary.json``.
+
+    ``slices``: sliced prediction at native resolution (see :meth:`Predictor.predict`).
 
     ``results.json`` is a plain COCO results list (``image_id``, ``category_id``,
     ``bbox`` xywh, ``score``), loadable by pycocotools' ``loadRes``. ``summary.json``
@@ -306,7 +317,9 @@ def run_predict(
             except ImageReadError as exc:
                 log.warning("skipping %s: %s", path, exc.reason)
                 skipped.append({"file": str(path), "reason": exc.reason})
-        detections = predictor.predict(arrays, score_threshold, max_detections) if arrays else []
+        detections = (
+            predictor.predict(arrays, score_threshold, max_detections, slices) if arrays else []
+        )
         for path, array, det in zip(paths, arrays, detections, strict=True):
             image_id = len(images) + 1
             name = _output_name(path, used)
@@ -344,6 +357,7 @@ def run_predict(
         "checkpoint": str(checkpoint),
         "score_threshold": score_threshold,
         "max_detections": max_detections,
+        "slices": None if slices is None else dataclasses.asdict(slices),
         "images": images,
         "categories": categories,
         "skipped": skipped,

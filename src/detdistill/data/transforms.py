@@ -23,11 +23,12 @@ def resize_longest(size: int) -> v2.Resize:
 
 
 def build_transforms(
-    train: bool, image_size: int, hflip: float = 0.5, multiscale: Sequence[int] = ()
+    train: bool, image_size: int | None, hflip: float = 0.5, multiscale: Sequence[int] = ()
 ) -> v2.Compose:
     """The sample transforms: resize (longest side), flip when training, [0, 1] float32.
 
-    - Resize: longest side = ``image_size``; when ``train`` and ``multiscale``
+    - Resize: longest side = ``image_size``; ``None`` keeps the native
+      resolution (sliced evaluation runs windows of the original pixels); when ``train`` and ``multiscale``
       is non-empty, the longest side is drawn uniformly from ``multiscale`` per
       image instead (``image_size`` is then only used for evaluation).
     - ``train``: random horizontal flip with probability ``hflip``, then boxes
@@ -46,7 +47,7 @@ def build_transforms(
     ops: list[v2.Transform] = []
     if train and len(multiscale) > 0:
         ops.append(v2.RandomChoice([resize_longest(s) for s in multiscale]))
-    else:
+    elif image_size is not None:
         ops.append(resize_longest(image_size))
     if train and hflip > 0:
         ops.append(v2.RandomHorizontalFlip(p=hflip))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import torch
 
 from detdistill.data import CocoDetection, VOCDetection, build_transforms
 from detdistill.engine.builders import (
@@ -16,6 +19,7 @@ from detdistill.engine.builders import (
 from detdistill.engine.config import ConfigError
 from detdistill.engine.distributed import resolve_device
 from detdistill.evaluation import evaluate
+from detdistill.slicing import SlicedDetector, SliceSettings
 
 
 class EvalData(NamedTuple):
@@ -41,6 +45,7 @@ def evaluation_data(
     images: str | Path | None = None,
     data_format: str = "coco",
     split: str = "val",
+    native_size: bool = False,
 ) -> EvalData:
     """The data set ``eval`` and ``analyze`` use for a saved model (one rule for both).
 
@@ -48,13 +53,18 @@ def evaluation_data(
     it: a COCO annotation file (images from ``images``, else an ``images/``
     folder beside it, else its folder) or a VOC directory and ``split``. The
     data set's classes must be the model's, or the error names them.
+    ``native_size`` keeps the images at their own resolution (sliced evaluation)
+    instead of resizing them to the model's training size.
     """
+    image_size = None if native_size else loaded.image_size
     if data is None:
         if images is not None:
             raise ConfigError("--images needs --data (a COCO annotation file)")
         dataset = build_datasets(loaded.data, train=False).val
+        if native_size:
+            dataset.transforms = build_transforms(False, None)
         return EvalData(dataset, "the model's validation set (from its saved config)", "val")
-    transforms = build_transforms(False, loaded.image_size)
+    transforms = build_transforms(False, image_size)
     if data_format == "voc":
         dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)
         return EvalData(dataset, f"VOC `{data}` split `{split}`", f"{Path(data).name}_{split}")
@@ -77,22 +87,32 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     out: str | Path | None = None,
     device: str = "auto",
+    slices: SliceSettings | None = None,
 ) -> dict[str, Any]:
     """Metrics (and per-class AP) of ``checkpoint``; also written as JSON to ``out``.
 
     Without ``data`` the checkpoint's own validation set (from its saved config)
     is used. The data set's classes must be the model's, or the error names them.
+    With ``slices`` the images stay at their native resolution, the model runs
+    on overlapping windows whose detections are merged back into each image
+    (:mod:`detdistill.slicing`), and COCOeval scores the whole images.
     """
     torch_device = resolve_device(device)
     loaded = load_detector(checkpoint, map_location=torch_device)
-    model = loaded.model.to(torch_device)
-    dataset, _, name = evaluation_data(loaded, data, images, data_format, split)
+    model: torch.nn.Module = loaded.model.to(torch_device)
+    dataset, _, name = evaluation_data(
+        loaded, data, images, data_format, split, native_size=slices is not None
+    )
+    if slices is not None:
+        model = SlicedDetector(model, slices, progress=True)
+        batch_size, name = 1, f"{name}_sliced{slices.size}"
     loader = build_eval_loader(dataset, batch_size, num_workers=0)
     result = evaluate(model, loader, dataset, device=torch_device)
     out_path = Path(out) if out else Path(checkpoint).parent / f"metrics_{name}.json"
     payload = {
         "checkpoint": str(checkpoint),
         "data": str(data) if data else "checkpoint validation set",
+        "slices": None if slices is None else dataclasses.asdict(slices),
         "images": len(dataset),
         "metrics": {k: result[k] for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")},
         "per_class": result.get("per_class", {}),
