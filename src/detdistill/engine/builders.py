@@ -23,6 +23,7 @@ from detdistill.data import (
     embedded_dir,
     make_embedded,
 )
+from detdistill.data.tiles import TiledDataset, TileSettings
 from detdistill.engine.checkpoint import load_checkpoint, load_state_dict_strict
 from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, config_section
 from detdistill.engine.distributed import get_rank, get_world_size
@@ -72,10 +73,16 @@ class DataSplits:
 
 def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
     """Training and validation sets of a ``data`` section (embedded sets are generated once)."""
-    train_tf = build_transforms(
-        True, data_cfg.image_size, hflip=data_cfg.hflip, multiscale=data_cfg.multiscale
-    )
-    val_tf = build_transforms(False, data_cfg.image_size)
+    tiles = data_cfg.tiles
+    if tiles is not None and data_cfg.multiscale:
+        raise ConfigError("data.tiles and data.multiscale cannot be combined: tiles keep the scale")
+    if tiles is None:
+        train_tf = build_transforms(
+            True, data_cfg.image_size, hflip=data_cfg.hflip, multiscale=data_cfg.multiscale
+        )
+        val_tf = build_transforms(False, data_cfg.image_size)
+    else:  # native resolution: tiles are cut from the images, evaluation is sliced
+        train_tf = val_tf = build_transforms(False, None)
     if data_cfg.format == "embedded":
         settings = {
             "num_train": data_cfg.num_train,
@@ -119,6 +126,13 @@ def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
             )
             if train
             else val_set
+        )
+    if tiles is not None and train:
+        settings = TileSettings(
+            tiles.size, tiles.per_image, tiles.min_visible, tiles.object_centred
+        )
+        train_set = TiledDataset(
+            train_set, settings, build_transforms(True, None, hflip=data_cfg.hflip)
         )
     return DataSplits(train_set, val_set, list(val_set.class_names))
 

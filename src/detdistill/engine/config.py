@@ -53,6 +53,7 @@ from detdistill.engine.config_schema import (
     DataConfig,
     DistillConfig,
     ModelConfig,
+    TileConfig,
     TrainConfig,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "DataConfig",
     "DistillConfig",
     "ModelConfig",
+    "TileConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",

@@ -21,6 +21,7 @@ __all__ = [
     "DataConfig",
     "DistillConfig",
     "ModelConfig",
+    "TileConfig",
     "TrainConfig",
 ]
 
@@ -63,6 +64,16 @@ _DEVICE = _check(
 
 
 @dataclass
+class TileConfig:
+    """Train on crops at native resolution (:mod:`detdistill.data.tiles`); evaluate sliced."""
+
+    size: int = field(metadata=_POSITIVE)
+    per_image: int = field(default=4, metadata=_POSITIVE)
+    min_visible: float = field(default=0.5, metadata=_UNIT_RIGHT_CLOSED)
+    object_centred: float = field(default=0.5, metadata=_PROBABILITY)
+
+
+@dataclass
 class DataConfig:
     """Where the images come from and how they are batched (per process)."""
 
@@ -85,6 +96,9 @@ class DataConfig:
     hflip: float = field(default=0.5, metadata=_PROBABILITY)
     batch_size: int = field(default=16, metadata=_POSITIVE)
     num_workers: int = field(default=2, metadata=_NON_NEGATIVE)
+    # Large images with small objects: train on tiles instead of resizing whole
+    # images to image_size (which then only sizes the whole-image pass).
+    tiles: TileConfig | None = None
 
 
 @dataclass

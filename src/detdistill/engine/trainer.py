@@ -55,6 +55,7 @@ from detdistill.engine.sampling import (
 from detdistill.engine.schedule import build_scheduler, lr_factor
 from detdistill.errors import DetDistillError
 from detdistill.evaluation import evaluate
+from detdistill.slicing import SlicedDetector, SliceSettings
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +349,11 @@ class Trainer:
         loader = build_eval_loader(
             self.data.val, self.cfg.data.batch_size, self.cfg.data.num_workers
         )
-        result = evaluate(self.eval_model(), loader, self.data.val, device=self.device)
+        model = self.eval_model()
+        tiles = self.cfg.data.tiles
+        if tiles is not None:  # a tiled model sees whole images window by window
+            model = SlicedDetector(model, SliceSettings(tiles.size))
+        result = evaluate(model, loader, self.data.val, device=self.device)
         return {k: float(v) for k, v in (result or {}).items() if isinstance(v, (int, float))}
 
     def fit(self) -> RunResult:
