@@ -168,3 +168,36 @@ def test_runs_with_different_data_settings_share_a_root_without_rewriting_each_o
     larger = json.loads((tiny_data_dir(tmp_path, num_train=20) / "train.json").read_text())
     assert len(larger["images"]) == 20
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_digits_large_scenes_have_their_own_size_and_small_digits(tmp_path):
+    from PIL import Image
+
+    from detdistill.data.embedded.digits_large import MAX_HEIGHT
+
+    paths = make_embedded("digits_large", tmp_path / "large", 3, 1, seed=0, image_size=512)
+    coco = json.loads(paths["train_annotations"].read_text())
+    sizes = set()
+    for image in coco["images"]:
+        with Image.open(paths["train_images"] / image["file_name"]) as im:
+            assert im.size == (image["width"], image["height"])
+        assert 256 <= image["width"] == image["height"] <= 512
+        sizes.add(image["width"])
+    assert len(sizes) > 1  # each scene draws its own side
+    by_image = {i["id"]: i for i in coco["images"]}
+    assert len(coco["annotations"]) >= 3
+    for ann in coco["annotations"]:
+        x, y, w, h = ann["bbox"]
+        image = by_image[ann["image_id"]]
+        assert 2 <= h <= MAX_HEIGHT and x >= 0 and y >= 0
+        assert x + w <= image["width"] and y + h <= image["height"]
+
+
+def test_data_make_offers_every_embedded_set():
+    from detdistill.cli import build_parser
+    from detdistill.data import EMBEDDED_DATASETS
+
+    text = build_parser().parse_args(["data", "make", "digits_large", "--out", "x"])
+    assert text.name == "digits_large"
+    for name in EMBEDDED_DATASETS:
+        build_parser().parse_args(["data", "make", name, "--out", "x"])

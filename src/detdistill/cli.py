@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True, metavar="ACTION", help="make: write a data set"
     )
     make = data_sub.add_parser("make", help="write an embedded data set in COCO format")
-    make.add_argument("name", choices=["digits", "shapes"], help="which embedded set")
+    make.add_argument(
+        "name", choices=["digits", "digits_large", "shapes"], help="which embedded set"
+    )
     make.add_argument("--out", required=True, help="output folder")
     make.add_argument("--num-train", type=int, default=3000, help="training images (default: 3000)")
     make.add_argument("--num-val", type=int, default=500, help="validation images (default: 500)")

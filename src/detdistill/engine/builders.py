@@ -161,7 +161,7 @@ class LoadedModel:
 
     @property
     def image_size(self) -> int:
-        return self.data.image_size
+        return self.data.model_input_size
 
 
 def load_detector(
@@ -173,6 +173,6 @@ def load_detector(
     payload = load_checkpoint(checkpoint, map_location=map_location)
     data = config_section(payload["config"], "data")
     model_cfg = model_cfg or config_section(payload["config"], "model")
-    model = build_model(model_cfg, data.image_size, pretrained=False)
+    model = build_model(model_cfg, data.model_input_size, pretrained=False)
     load_state_dict_strict(model, payload["model"], f"detector weights in {checkpoint}")
     return LoadedModel(model, list(payload["class_names"]), payload, data)

@@ -100,6 +100,11 @@ class DataConfig:
     # images to image_size (which then only sizes the whole-image pass).
     tiles: TileConfig | None = None
 
+    @property
+    def model_input_size(self) -> int:
+        """The size the detector works at: the tile side when tiling, else ``image_size``."""
+        return self.tiles.size if self.tiles is not None else self.image_size
+
 
 @dataclass
 class ModelConfig:

@@ -58,7 +58,7 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes",
     )
     torch.manual_seed(cfg.seed)  # the initial student the trainer builds
-    student = build_model(cfg.model, cfg.data.image_size).to(device)
+    student = build_model(cfg.model, cfg.data.model_input_size).to(device)
     n_params = sum(p.numel() for p in student.parameters())
     report.add(
         "OK", f"student {cfg.model.name}/{cfg.model.backbone}: {n_params / 1e6:.2f} M parameters"

@@ -112,7 +112,7 @@ class Trainer:
                 f"model.num_classes is {cfg.model.num_classes} but the data has "
                 f"{len(self.data.class_names)} classes: {', '.join(self.data.class_names)}"
             )
-        self.model = build_model(cfg.model, cfg.data.image_size).to(self.device)
+        self.model = build_model(cfg.model, cfg.data.model_input_size).to(self.device)
         self.distiller: Distiller | None = None
         self.teacher_info: dict[str, str] | None = None
         if cfg.distill is not None:

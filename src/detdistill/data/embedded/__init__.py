@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from detdistill.data.embedded import digits, shapes
+from detdistill.data.embedded import digits, digits_large, shapes
 from detdistill.data.embedded.cache import FORMAT, build_atomically, read_manifest
 from detdistill.data.embedded.render import to_uint8
 
@@ -58,6 +58,7 @@ def _spec(name: str, module: ModuleType) -> EmbeddedSpec:
 EMBEDDED_DATASETS: dict[str, EmbeddedSpec] = {
     "shapes": _spec("shapes", shapes),
     "digits": _spec("digits", digits),
+    "digits_large": _spec("digits_large", digits_large),
 }
 
 
@@ -85,9 +86,8 @@ def write_split(
         image, boxes, labels = spec.generate_scene(scene_rng(seed, split, index), image_size, split)
         file_name = f"{index + 1:06d}{spec.file_ext}"
         _save(image, image_dir / file_name)
-        images.append(
-            {"id": index + 1, "file_name": file_name, "width": image_size, "height": image_size}
-        )
+        height, width = image.shape[:2]  # digits_large draws its own size per scene
+        images.append({"id": index + 1, "file_name": file_name, "width": width, "height": height})
         for (x1, y1, x2, y2), label in zip(boxes, labels, strict=True):
             w, h = int(x2 - x1), int(y2 - y1)
             annotations.append(
