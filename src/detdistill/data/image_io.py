@@ -3,6 +3,12 @@
 Why PIL: it raises on truncated files (``image file is truncated``) instead of
 returning a half-grey image, reads only the header when asked for the size,
 and handles every mode COCO and VOC contain (greyscale, CMYK, palette).
+
+Why not ``torchvision.io.decode_image``: measured 1.4x faster than PIL on a
+640 x 480 JPEG and 1.1x on PNG, with bit-identical pixels on the embedded
+sets, but torchvision 0.29 deprecates its decoders in favour of TorchCodec (a
+``DeprecationWarning`` on every call), and TorchCodec is a new native
+dependency for a step that is not the bottleneck of any preset.
 """
 
 from __future__ import annotations
