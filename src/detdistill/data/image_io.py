@@ -7,8 +7,9 @@ and handles every mode COCO and VOC contain (greyscale, CMYK, palette).
 Why not ``torchvision.io.decode_image``: measured 1.4x faster than PIL on a
 640 x 480 JPEG and 1.1x on PNG, with bit-identical pixels on the embedded
 sets, but torchvision 0.29 deprecates its decoders in favour of TorchCodec (a
-``DeprecationWarning`` on every call), and TorchCodec is a new native
-dependency for a step that is not the bottleneck of any preset.
+``DeprecationWarning`` on every call), and TorchCodec would be a new native
+dependency. ``benchmarks/loader_speed.py`` measures whether decoding limits
+training at all.
 """
 
 from __future__ import annotations
