@@ -30,6 +30,7 @@ from detdistill.engine.distributed import get_rank, get_world_size
 from detdistill.engine.sampling import ResumableBatchSampler
 from detdistill.models import build_detector
 from detdistill.models.backbones import BackboneArgumentError
+from detdistill.slicing import SlicedDetector, SliceSettings
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,18 @@ def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> Da
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers
     )
+
+
+def evaluation_model(model: nn.Module, data_cfg: DataConfig) -> nn.Module:
+    """The model as evaluation must run it: a tiled run sees whole images window by window.
+
+    Its detector works at the tile size, so whole (native-size) validation
+    images go through :class:`~detdistill.slicing.SlicedDetector` with windows
+    of that size; any other run is evaluated as it is.
+    """
+    if data_cfg.tiles is None:
+        return model
+    return SlicedDetector(model, SliceSettings(data_cfg.tiles.size))
 
 
 @dataclass

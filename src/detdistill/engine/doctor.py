@@ -18,7 +18,13 @@ from torch.utils.data import Subset
 from detdistill.auto_weights import format_balance
 from detdistill.data.loader import batch_to_device, collate_fn
 from detdistill.distill import Distiller, IncompatibleModelsError
-from detdistill.engine.builders import build_datasets, build_eval_loader, build_model, load_detector
+from detdistill.engine.builders import (
+    build_datasets,
+    build_eval_loader,
+    build_model,
+    evaluation_model,
+    load_detector,
+)
 from detdistill.engine.checkpoint import CheckpointError
 from detdistill.engine.config import Config
 from detdistill.engine.distributed import resolve_device
@@ -92,7 +98,8 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         # A DataLoader draws its base seed from the global RNG: keep the stream the trainer
         # sees, so the adapters (and the auto weights) match those of a real run.
         with torch.random.fork_rng(devices=[]):
-            metrics = evaluate(teacher, loader, data.val, device=device, progress=False) or {}
+            model = evaluation_model(teacher, cfg.data)
+            metrics = evaluate(model, loader, data.val, device=device, progress=False) or {}
         teacher_map = float(metrics.get("mAP", 0.0))
         status = "OK" if teacher_map >= MIN_TEACHER_MAP else "FAIL"
         report.add(

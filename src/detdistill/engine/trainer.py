@@ -31,6 +31,7 @@ from detdistill.engine.builders import (
     build_datasets,
     build_eval_loader,
     build_model,
+    evaluation_model,
     load_detector,
 )
 from detdistill.engine.checkpoint import (
@@ -55,7 +56,6 @@ from detdistill.engine.sampling import (
 from detdistill.engine.schedule import build_scheduler, lr_factor
 from detdistill.errors import DetDistillError
 from detdistill.evaluation import evaluate
-from detdistill.slicing import SlicedDetector, SliceSettings
 
 log = logging.getLogger(__name__)
 
@@ -349,10 +349,7 @@ class Trainer:
         loader = build_eval_loader(
             self.data.val, self.cfg.data.batch_size, self.cfg.data.num_workers
         )
-        model = self.eval_model()
-        tiles = self.cfg.data.tiles
-        if tiles is not None:  # a tiled model sees whole images window by window
-            model = SlicedDetector(model, SliceSettings(tiles.size))
+        model = evaluation_model(self.eval_model(), self.cfg.data)
         result = evaluate(model, loader, self.data.val, device=self.device)
         return {k: float(v) for k, v in (result or {}).items() if isinstance(v, (int, float))}
 
