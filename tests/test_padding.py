@@ -66,3 +66,36 @@ def test_distillation_aligns_teacher_and_student_at_odd_sizes():
 def test_padding_multiple_is_checked():
     with pytest.raises(ValueError, match="size_divisible must be >= 1"):
         build_detector("retinanet", num_classes=3, backbone="tiny", size_divisible=0)
+
+
+def test_onnx_export_matches_pytorch_at_sizes_off_the_largest_stride(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from detdistill.export import export_detector, export_module
+
+    detector = five_level("retinanet", 4, 320).eval()
+    path = export_detector(detector, tmp_path / "p7.onnx", image_size=320)
+    images = torch.rand(1, 3, 333, 500)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    boxes, scores, sizes = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        ref_boxes, ref_scores, ref_sizes = export_module(detector)(images)
+    assert sizes.tolist() == ref_sizes.tolist()
+    torch.testing.assert_close(torch.from_numpy(boxes), ref_boxes, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(scores), ref_scores, rtol=1e-3, atol=1e-5)
+
+
+def test_a_model_padded_to_128_before_differs_only_through_the_padding():
+    """Checkpoints from before kept padding to the largest stride; on an image that is a
+    multiple of 128 both paddings agree exactly, elsewhere only the padding differs."""
+    new = five_level("retinanet", 4, 256).eval()
+    old = five_level("retinanet", 4, 256)
+    old.transform.size_divisible = 128
+    old.load_state_dict(new.state_dict())
+    old.eval()
+    image = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = new([image]), old([image])
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(a[0][key], b[0][key])

@@ -79,3 +79,14 @@ def test_a_tiled_run_trains_and_evaluates_sliced(tmp_path):
     assert summary["step"] == 8
     with pytest.raises(ConfigError, match="tiles and data.multiscale"):
         train_tiny(tmp_path, "both", "data.tiles={size: 48}", "data.multiscale=[48, 64]")
+
+
+@pytest.mark.parametrize(("override", "key"), [("data.tiles={size: 0}", "data.tiles.size"),
+                                               ("data.tiles={size: 64, per_image: -1}", "data.tiles.per_image"),
+                                               ("data.tiles={size: 64, min_visible: 0}", "data.tiles.min_visible")])  # fmt: skip
+def test_bad_tile_options_are_one_line_errors_naming_the_key(override, key):
+    from detdistill.engine.presets import load_preset_or_file
+
+    with pytest.raises(ConfigError, match=key) as info:
+        load_preset_or_file("digits_teacher", [override])
+    assert "\n" not in str(info.value)

@@ -94,11 +94,17 @@ def test_eval_interval_zero_evaluates_after_the_last_epoch_only(
     assert set(result.metrics) >= {"mAP", "AP50"}
 
 
-def test_resume_after_interruption_continues_the_same_curve(tmp_path, data_root, monkeypatch):
-    full = run(tiny_config(tmp_path, "full", data_root=data_root), show_progress=False)
+# Tiles: one 48 px crop per image keeps the step count (24 images, batch 4, 2 epochs).
+@pytest.mark.parametrize(
+    "extra", [[], ["data.tiles={size: 48, per_image: 1}"]], ids=["whole", "tiles"]
+)
+def test_resume_after_interruption_continues_the_same_curve(
+    tmp_path, data_root, monkeypatch, extra
+):
+    full = run(tiny_config(tmp_path, "full", *extra, data_root=data_root), show_progress=False)
     assert full.status == "completed"
 
-    cfg = tiny_config(tmp_path, "cut", data_root=data_root)
+    cfg = tiny_config(tmp_path, "cut", *extra, data_root=data_root)
     trainer = Trainer(cfg, show_progress=False)
     original = Trainer.train_step
     calls = {"n": 0}
