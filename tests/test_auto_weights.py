@@ -170,6 +170,7 @@ def tiny_distill_config(tmp_path, methods: str, *extra: str):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
     """Chosen once, written to summary.json, metrics.jsonl and the state; a resume reuses them."""
     cfg = tiny_distill_config(tmp_path, "{rm: auto, pfi: auto}")
@@ -204,6 +205,7 @@ def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
     assert list((tmp_path / "s" / "tb").iterdir())  # the TensorBoard mirror of the same record
 
 
+@pytest.mark.slow
 def test_doctor_shows_the_weights_training_chooses(tmp_path):
     from detdistill.engine.doctor import run_doctor
 

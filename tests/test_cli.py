@@ -65,6 +65,7 @@ def test_wrong_type_and_missing_file_are_one_line_errors(capsys, tmp_path):
     assert "missing.pt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_eval_compare_and_data_make(tmp_path, capsys):
     root = f"data.root={tmp_path / 'data'}"
     for name in ("a", "b"):
@@ -110,6 +111,7 @@ def test_train_eval_compare_and_data_make(tmp_path, capsys):
     assert len(json.loads((out_dir / "train.json").read_text())["images"]) == 4
 
 
+@pytest.mark.slow
 def test_doctor_flags_an_untrained_teacher(tmp_path, capsys):
     root = f"data.root={tmp_path / 'data'}"
     teacher = tmp_path / "teacher"
@@ -131,6 +133,7 @@ def test_distill_refuses_a_config_without_a_teacher(capsys):
     assert "distill:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_data_make_output_is_listed(tmp_path, capsys):
     main(
         [
@@ -206,6 +209,7 @@ def test_eval_on_a_voc_directory_with_broken_files(tiny_checkpoint, tmp_path, ca
     assert "error" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_its_table_and_reuses_the_teacher(tmp_path, capsys, one_thread):
     assert main(["demo", "--quick", "--no-progress", "--workdir", str(tmp_path)]) == 0
     first = capsys.readouterr().out

@@ -33,6 +33,7 @@ def annotations(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return boxes, cats, coco
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shapes", "digits"])
 def test_same_seed_byte_identical_other_seed_different(generated, tmp_path, name):
     again = make_embedded(name, tmp_path / "again", num_train=120, num_val=20, seed=0)

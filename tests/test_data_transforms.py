@@ -143,6 +143,7 @@ def test_training_order_depends_on_seed_and_epoch_only(tmp_path):
     assert list(resumed) == list(full)[1:] and len(resumed) == 2
 
 
+@pytest.mark.slow
 def test_random_transforms_do_not_depend_on_the_worker_count(tmp_path):
     ds = write_dataset(tmp_path)
     ds.transforms = build_transforms(True, 100, hflip=0.5)

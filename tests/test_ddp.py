@@ -15,6 +15,8 @@ from detdistill.engine.checkpoint import load_checkpoint
 from detdistill.engine.config import load_config
 from detdistill.engine.presets import preset_path
 
+pytestmark = pytest.mark.slow  # every test here trains or spawns processes
+
 OVERRIDES = [
     "data.name=shapes",
     "data.num_train=16",

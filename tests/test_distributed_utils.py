@@ -112,6 +112,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         ddist.cleanup()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_gather_and_reduce(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
 

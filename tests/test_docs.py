@@ -17,6 +17,7 @@ def python_blocks(path: Path) -> str:
     return "\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guide", ["adding-a-method.md", "adding-a-detector.md"])
 def test_guide_runs(guide):
     code = python_blocks(DOCS / guide)

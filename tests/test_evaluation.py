@@ -275,6 +275,7 @@ def _distributed_worker(rank: int, world: int, port: int, root: str, queue) -> N
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_gathers_and_broadcasts(tmp_path):
     write_dataset(tmp_path)
     with socket.socket() as s:

@@ -19,6 +19,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from method_table import markdown, parse_options, summarise  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here trains or spawns processes
+
 
 def row(method: str, mAP: float, weights: dict | None = None) -> dict:
     return {"method": method, "mAP": mAP, "AP50": 2 * mAP, "weights": weights or {}}

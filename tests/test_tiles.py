@@ -68,6 +68,7 @@ def test_an_image_smaller_than_a_tile_is_used_whole():
     assert image.shape == (3, 200, 300) and len(target["boxes"]) == 2
 
 
+@pytest.mark.slow
 def test_a_tiled_run_trains_and_evaluates_sliced(tmp_path):
     # 48 px tiles of the 64 px images (a 32 px tile would leave GroupNorm one value per
     # group at stride 32 for a single image, which torch refuses)

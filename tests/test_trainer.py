@@ -17,6 +17,8 @@ from detdistill.engine.presets import preset_path
 from detdistill.engine.trainer import NonFiniteLossError, Trainer, run
 from detdistill.models import build_detector
 
+pytestmark = pytest.mark.slow  # every test here trains or spawns processes
+
 # The shared tiny settings, with more images and epochs: resume and curves need several steps.
 TINY = [
     *TINY_OVERRIDES,
