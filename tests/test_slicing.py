@@ -143,3 +143,22 @@ def test_eval_with_slices_on_a_voc_folder_of_mixed_sizes_and_formats(tiny_checkp
     result = json.loads(Path(out).read_text())
     assert result["images"] == 3 and result["slices"]["size"] == 64
     assert result["data_problems"]["counts"] == {}
+
+
+def test_predict_command_slices_and_records_it(tiny_checkpoint, tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (150, 230, 3), dtype=np.uint8)).save(
+        images / "wide.png"
+    )
+    out = tmp_path / "out"
+    code = main(["predict", str(tiny_checkpoint), str(images), "--out", str(out),
+                 "--slice-size", "64", "--slice-merge", "nms", "--no-progress"])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["slices"]["size"] == 64 and summary["slices"]["merge"] == "nms"
+    for result in json.loads((out / "results.json").read_text()):
+        x, y, w, h = result["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 230.01 and y + h <= 150.01
+    assert main(["predict", str(tiny_checkpoint), str(images), "--out", str(out),
+                 "--slice-size", "64", "--slice-overlap", "1.5"]) == 2  # fmt: skip
