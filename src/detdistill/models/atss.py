@@ -24,6 +24,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .base import OneStageDetector
+from .fcos import centerness_head_predict
 from .output import DetectorOutput
 from .registry import register_detector
 
@@ -214,12 +215,7 @@ class ATSS(OneStageDetector):
     def head_predict(
         self, cls_feature: Tensor, reg_feature: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        reg_head = self.head.regression_head
-        return (
-            self.head.classification_head.cls_logits(cls_feature),
-            reg_head.bbox_reg(reg_feature),
-            reg_head.bbox_ctrness(reg_feature),
-        )
+        return centerness_head_predict(self.head, cls_feature, reg_feature)
 
     def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
         sizes = output.num_anchors_per_level()

@@ -64,6 +64,18 @@ def fcos_assign(
     return matched
 
 
+def centerness_head_predict(
+    head: nn.Module, cls_feature: Tensor, reg_feature: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """torchvision's FCOS predictors (class logits, box regression, centerness) on one level."""
+    reg_head = head.regression_head
+    return (
+        head.classification_head.cls_logits(cls_feature),
+        reg_head.bbox_reg(reg_feature),
+        reg_head.bbox_ctrness(reg_feature),
+    )
+
+
 @register_detector("fcos")
 class FCOS(OneStageDetector):
     """FCOS with a distillation interface (see :class:`OneStageDetector`).
@@ -114,12 +126,10 @@ class FCOS(OneStageDetector):
     def head_predict(
         self, cls_feature: Tensor, reg_feature: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        reg_head = self.head.regression_head
-        return (
-            self.head.classification_head.cls_logits(cls_feature),
-            nn.functional.relu(reg_head.bbox_reg(reg_feature)),  # ltrb distances are >= 0
-            reg_head.bbox_ctrness(reg_feature),
+        cls_logits, bbox_regression, quality = centerness_head_predict(
+            self.head, cls_feature, reg_feature
         )
+        return cls_logits, nn.functional.relu(bbox_regression), quality  # ltrb distances >= 0
 
     def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
         sizes = output.num_anchors_per_level()
