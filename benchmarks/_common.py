@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -35,21 +35,40 @@ def environment() -> dict[str, object]:
     }
 
 
-def call_times(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Wall times of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+def call_times(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall times of ``repeats`` calls of each function, after ``warmup`` untimed ones.
+
+    The functions take turns within each round, in reversed order every other
+    round, so that a change in the machine's load (another job starting, the
+    allocator warming up) falls on all of them alike. Timing one function's
+    repeats after another's biases their ratio by whatever changed in between.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+        order.reverse()
     return times
 
 
+def best_times(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Best wall time of each function (interleaved, see :func:`call_times`): the least disturbed."""
+    return {name: min(t) for name, t in call_times(fns, repeats, warmup).items()}
+
+
 def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Best wall time of ``repeats`` calls: the least disturbed by other work on the machine."""
-    return min(call_times(fn, repeats, warmup))
+    """Best wall time of ``repeats`` calls of one function."""
+    return best_times({"fn": fn}, repeats, warmup)["fn"]
 
 
 def emit(result: dict, out: str | None) -> None:

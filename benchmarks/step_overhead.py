@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from _common import best_time, emit, environment
+from _common import best_times, emit, environment
 from detdistill.distill import Distiller
 from detdistill.engine.presets import load_preset_or_file
 from detdistill.models import build_detector
@@ -121,10 +121,12 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
     def distill_step() -> None:
         step(lambda: distiller(images, targets))
 
-    student_s = best_time(student_step, repeats)
-    teacher_s = best_time(teacher_forward, repeats)
-    distill_s = best_time(distill_step, repeats)
-    student_forward_s = best_time(student_forward, repeats)
+    best = best_times(
+        {"student": student_step, "teacher": teacher_forward, "distill": distill_step,
+         "student_forward": student_forward}, repeats,
+    )  # fmt: skip
+    student_s, teacher_s, distill_s = best["student"], best["teacher"], best["distill"]
+    student_forward_s = best["student_forward"]
     return {
         "pair": name,
         "image_size": spec["size"],

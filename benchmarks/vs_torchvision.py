@@ -7,9 +7,10 @@ torchvision's ``*_resnet50_fpn`` builders make them): torchvision's detector is
 built first, ours loads its state dict strictly (so the weights are identical),
 and both run the same batch of 2 images in one process: a training step
 (forward, backward, SGD step) and inference (eval forward with
-post-processing), at 320 and 640 px. Each number is the median of
-``--repeats`` after one warm-up; ``ratio`` is ours / torchvision's (1.0 is
-parity, below 1 is faster).
+post-processing), at 320 and 640 px. The four step functions take turns in
+every round (``_common.call_times``), so a change in machine load falls on
+both detectors alike. Each number is the median of ``--repeats`` after one
+warm-up; ``ratio`` is ours / torchvision's (1.0 is parity, below 1 is faster).
 """
 
 from __future__ import annotations
@@ -61,11 +62,8 @@ def batch(size: int) -> tuple[list[torch.Tensor], list[dict]]:
     return images, targets
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    return statistics.median(call_times(fn, repeats))
-
-
-def timings(model: torch.nn.Module, images, targets, repeats: int) -> dict[str, float]:
+def step_functions(model: torch.nn.Module, images, targets) -> dict[str, Callable[[], None]]:
+    """A training step (forward, backward, SGD step) and inference (eval forward, post-processing)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def train_step() -> None:
@@ -81,8 +79,21 @@ def timings(model: torch.nn.Module, images, targets, repeats: int) -> dict[str, 
         model.eval()
         model(images)
 
-    return {"train_step_s": median_time(train_step, repeats),
-            "inference_s": median_time(inference, repeats)}  # fmt: skip
+    return {"train_step_s": train_step, "inference_s": inference}
+
+
+def timings(models: dict[str, torch.nn.Module], images, targets, repeats: int) -> dict:
+    """Median times of each model's step functions, all interleaved (see ``call_times``)."""
+    fns = {
+        (owner, kind): fn
+        for owner, model in models.items()
+        for kind, fn in step_functions(model, images, targets).items()
+    }
+    times = call_times(fns, repeats)
+    result: dict[str, dict[str, float]] = {owner: {} for owner in models}
+    for (owner, kind), t in times.items():
+        result[owner][kind] = statistics.median(t)
+    return result
 
 
 def main() -> None:
@@ -101,8 +112,9 @@ def main() -> None:
             reference = torchvision_detector(name, size)
             ours = our_detector(name, size, reference)
             images, targets = batch(size)
-            tv = timings(reference, images, targets, args.repeats)
-            us = timings(ours, images, targets, args.repeats)
+            measured = timings({"torchvision": reference, "detdistill": ours}, images, targets,
+                               args.repeats)  # fmt: skip
+            tv, us = measured["torchvision"], measured["detdistill"]
             results.append({
                 "detector": name, "image_size": size, "batch": len(images),
                 "params_M": sum(p.numel() for p in ours.parameters()) / 1e6,
