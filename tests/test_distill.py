@@ -155,3 +155,37 @@ def test_method_options_must_belong_to_selected_methods():
         Distiller(tiny(width=8), tiny(width=16), {"rm": 1.0}, {"kd": {"temperature": 2.0}})
     with pytest.raises(ValueError, match="no option"):
         Distiller(tiny(width=8), tiny(width=16), {"rm": 1.0}, {"rm": {"tau": 2.0}})
+
+
+def _teacher_outputs(distiller: Distiller):
+    images, targets = batch()
+    image_list, _ = distiller.student.transform(images, [dict(t) for t in targets])
+    return distiller.teacher_outputs(image_list.tensors, image_list.image_sizes)
+
+
+def _flat(output) -> list[torch.Tensor]:
+    return [*output.features, *output.cls_logits, *output.bbox_regression]
+
+
+def test_teacher_runs_in_inference_mode_and_nhwc_with_unchanged_outputs():
+    nhwc = Distiller(tiny(width=8), tiny(width=16), {"pfi": 1.0})
+    nchw = Distiller(tiny(width=8), tiny(width=16), {"pfi": 1.0}, teacher_channels_last=False)
+    convs = [p for p in nhwc.teacher.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not any(
+        p.is_contiguous(memory_format=torch.channels_last)
+        for p in nchw.teacher.parameters()
+        if p.dim() == 4 and p.shape[-1] > 1
+    )
+    fast, plain = _teacher_outputs(nhwc), _teacher_outputs(nchw)
+    assert all(t.is_inference() and not t.requires_grad for t in _flat(fast))
+    for a, b in zip(_flat(fast), _flat(plain), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_teacher_gives_the_eager_outputs():
+    compiled = Distiller(tiny(width=8), tiny(width=16), {"pfi": 1.0}, teacher_compile=True)
+    eager = Distiller(tiny(width=8), tiny(width=16), {"pfi": 1.0})
+    for a, b in zip(_flat(_teacher_outputs(compiled)), _flat(_teacher_outputs(eager)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -27,7 +27,7 @@ StudentForward = Callable[
     [Tensor, list[tuple[int, int]], list[dict[str, Tensor]]],
     tuple[DetectorOutput, list[Tensor], TowerFeatures | None],
 ]
-# (batched images, image sizes) -> output, computed without grad
+# (batched images, image sizes) -> output, computed without autograd
 TeacherForward = Callable[[Tensor, list[tuple[int, int]]], DetectorOutput]
 
 
@@ -40,7 +40,7 @@ def _plain_student(student: nn.Module) -> StudentForward:
 
 
 def _plain_teacher(teacher: nn.Module) -> TeacherForward:
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(images, image_sizes):
         return teacher.forward_batch(images, image_sizes)
 
@@ -63,7 +63,7 @@ def run_pair(
     method asked for them) its adapted head tower features; the Distiller
     passes its adapter branch, possibly DDP-wrapped. By default: the student
     alone, features unadapted, no tower features. ``teacher_forward`` defaults to the
-    teacher's ``forward_batch`` without grad. The student's output carries the
+    teacher's ``forward_batch`` under ``torch.inference_mode``. The student's output carries the
     assignment and the detection losses.
     """
     student.check_targets(images, targets)

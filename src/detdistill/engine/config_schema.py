@@ -152,7 +152,9 @@ class DistillConfig:
     kind is ``features`` or ``outputs``, what the method imitates
     (:mod:`detdistill.auto_weights`). ``teacher_model`` may be left out: the
     teacher checkpoint stores its own config, which is the safest description
-    of the weights it holds.
+    of the weights it holds. ``teacher_half``, ``teacher_channels_last`` and
+    ``teacher_compile`` choose how the frozen teacher runs
+    (:class:`detdistill.distill.Distiller`).
     """
 
     teacher_checkpoint: str
@@ -166,6 +168,8 @@ class DistillConfig:
     auto_batches: int = field(default=DEFAULT_BATCHES, metadata=_POSITIVE)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_half: bool = False
+    teacher_channels_last: bool = True
+    teacher_compile: bool = False
 
 
 @dataclass

@@ -123,6 +123,8 @@ class Trainer:
                 cfg.distill.methods,
                 cfg.distill.method_options,
                 teacher_half=cfg.distill.teacher_half,
+                teacher_channels_last=cfg.distill.teacher_channels_last,
+                teacher_compile=cfg.distill.teacher_compile,
             ).to(self.device)
             trainable: nn.Module = self.distiller.branch
         else:
