@@ -220,7 +220,9 @@ class Distiller(nn.Module):
         if teacher_channels_last:
             self.teacher.to(memory_format=torch.channels_last)
         self._teacher_forward = (
-            torch.compile(self.teacher.forward_batch) if teacher_compile else self.teacher.forward_batch
+            torch.compile(self.teacher.forward_batch)
+            if teacher_compile
+            else self.teacher.forward_batch
         )
         # None marks an "auto" weight that balance() has not chosen yet.
         self.weights: dict[str, float | None] = {
