@@ -78,6 +78,37 @@ class BrightBlobDetector(torch.nn.Module):
         return out
 
 
+def _ios_merge_by_loop(boxes, scores, labels, threshold):
+    """The rule written plainly: best first, drop a box overlapping a kept one of its class."""
+    kept = []
+    for i in sorted(range(len(boxes)), key=lambda k: -float(scores[k])):
+        x0, y0, x1, y1 = boxes[i].tolist()
+        for j in kept:
+            if labels[j] != labels[i]:
+                continue
+            a0, b0, a1, b1 = boxes[j].tolist()
+            inter = max(0.0, min(x1, a1) - max(x0, a0)) * max(0.0, min(y1, b1) - max(y0, b0))
+            smaller = min((x1 - x0) * (y1 - y0), (a1 - a0) * (b1 - b0))
+            if inter / max(smaller, 1e-6) > threshold:
+                break
+        else:
+            kept.append(i)
+    return kept
+
+
+def test_ios_merge_equals_a_plain_loop_on_random_detections():
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(300, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=g) * 40], dim=1)
+    scores = torch.rand(300, generator=g)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    expected = _ios_merge_by_loop(boxes, scores, labels, 0.5)
+    assert len(expected) < 250  # the random boxes overlap: the rule has work to do
+    assert merge_detections(boxes, scores, labels, "ios", 0.5).tolist() == expected
+    empty = torch.zeros(0, 4)
+    assert merge_detections(empty, empty[:, 0], empty[:, 0].long(), "ios", 0.5).numel() == 0
+
+
 @pytest.mark.parametrize("full_image", [True, False])
 def test_an_object_across_a_window_border_comes_back_whole_in_image_pixels(full_image):
     image = torch.zeros(3, 1000, 1000)
