@@ -32,6 +32,8 @@ def environment() -> dict[str, object]:
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # Other work on the machine when the benchmark started (0 on a quiet machine).
+        "load_average_1min": os.getloadavg()[0],
     }
 
 
