@@ -6,7 +6,9 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +29,7 @@ def environment() -> dict[str, object]:
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     return {
+        "command": "python " + shlex.join(sys.argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit + ("-dirty" if dirty else ""),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),

@@ -174,7 +174,7 @@ def main() -> None:
     )
     gap = teacher - student
     emit({"benchmark": "peer_ultralytics", **environment(), "ultralytics": ultralytics.__version__,
-          "command": "python " + " ".join(sys.argv), "image_size": args.size,
+          "image_size": args.size,
           "train_fraction": args.fraction, "runs": runs,
           "gain": distilled - student, "gap_closed": (distilled - student) / gap if gap > 0 else None},
          args.out)  # fmt: skip
