@@ -147,17 +147,26 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
     }
 
 
-def main() -> None:
+def pair_parser(description: str) -> argparse.ArgumentParser:
+    """The options of every benchmark over :data:`PAIRS`: pairs, methods, repeats, output."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--methods", default="rm=4.0,pfi=1.5", help="comma-separated name=weight")
+    parser.add_argument("--methods", default="rm=4.0,pfi=1.5", type=parse_methods,
+                        help="comma-separated name=weight")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="also write the JSON here")
-    args = parser.parse_args()
-    methods = {k: float(v) for k, v in (item.split("=") for item in args.methods.split(","))}
-    results = [measure(name, PAIRS[name], methods, args.repeats) for name in args.pairs]
+    return parser
+
+
+def parse_methods(text: str) -> dict[str, float]:
+    return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
+
+
+def main() -> None:
+    args = pair_parser(__doc__).parse_args()
+    results = [measure(name, PAIRS[name], args.methods, args.repeats) for name in args.pairs]
     emit({"benchmark": "step_overhead", **environment(), "results": results}, args.out)
 
 

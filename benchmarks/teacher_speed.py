@@ -26,14 +26,13 @@ part of a distillation step that runs the teacher in that mode.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
 import torch
 
 from _common import best_times, emit, environment
-from step_overhead import NUM_CLASSES, PAIRS, build_pair, make_batch
+from step_overhead import NUM_CLASSES, PAIRS, build_pair, make_batch, pair_parser
 
 
 def teacher_modes(distiller, images: torch.Tensor, sizes, compile_: bool) -> dict:
@@ -112,18 +111,11 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int, comp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--methods", default="rm=4.0,pfi=1.5", help="comma-separated name=weight")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = pair_parser(__doc__)
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip torch.compile (its compilation takes minutes on 2 cores)")  # fmt: skip
-    parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
-    methods = {k: float(v) for k, v in (item.split("=") for item in args.methods.split(","))}
-    results = [measure(n, PAIRS[n], methods, args.repeats, args.compile) for n in args.pairs]
+    results = [measure(n, PAIRS[n], args.methods, args.repeats, args.compile) for n in args.pairs]
     emit({"benchmark": "teacher_speed", **environment(), "results": results}, args.out)
 
 
