@@ -115,8 +115,7 @@ def main() -> None:
             f"| {100 * entry['auto_mAP']:.1f} | {100 * (entry['searched_mAP'] - baseline):+.1f} "
             f"| {100 * (entry['auto_mAP'] - baseline):+.1f} |"
         )
-    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
-    emit({"benchmark": "equal_budget_search", **environment(), "command": command,
+    emit({"benchmark": "equal_budget_search", **environment(),
           "baseline_mAP": baseline, "teacher_mAP": teacher, "select_seed": args.select_seed,
           "seed": args.seed, "table": table}, args.out)  # fmt: skip
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -4,7 +4,9 @@
     python benchmarks/method_table.py --preset digits --methods none rm pfi rm+pfi --seeds 0
 
 Resumable: a run whose ``summary.json`` says "completed" is not repeated, so
-the script can be stopped and started again (or run in the background).
+the script can be stopped and started again (or run in the background). Two
+tables may share a workdir: a run another live process is training is left
+out (a lock file in its directory), not trained twice.
 Writes ``benchmarks/results/<preset>_methods.json`` (one row per run: method,
 weights, seed, COCO metrics, epochs, wall time, commit, machine) and a bar
 chart with the spread over seeds. ``--jobs 2`` trains two students at once,
@@ -40,6 +42,7 @@ BASELINES = {"none": {}, "kd": {"kd": 1.0}, "fitnet": {"fitnet": 1.0}, "fgfi": {
              "defeat": {"defeat": 1.0}, "scorel2": {"scorel2": 1.0}}  # fmt: skip
 DEFAULT_METHODS = ["none", "kd", "fitnet", "fgfi", "defeat", "rm", "pfi", "rm+pfi"]
 METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+LOCK_FILE = "method_table.lock"  # holds the pid of the process training the run
 
 
 def parse_weights(text: str) -> dict[str, float | str]:
@@ -81,8 +84,43 @@ def _completed(run_dir: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
 
 
-def run_one(job: dict) -> dict:
-    """Train one run (in its own process when --jobs > 1) and return its table row."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _claim(run_dir: Path) -> int | None:
+    """Mark ``run_dir`` as trained by this process; the pid of a live holder if another has it.
+
+    Two tables started on one workdir (two lanes of a 2-core machine, say) must
+    not train the same run at once: both would resume from and write to the
+    same checkpoint. A lock left by a process that died is taken over.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        holder = int(lock.read_text() or 0)
+        if holder and holder != os.getpid() and _alive(holder):
+            return holder
+        lock.unlink(missing_ok=True)
+        return _claim(run_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return None
+
+
+def run_one(job: dict) -> dict | None:
+    """Train one run (in its own process when --jobs > 1) and return its table row.
+
+    None when another process is training that run now (see :func:`_claim`).
+    """
     import torch
 
     torch.set_num_threads(job["threads"])
@@ -100,10 +138,18 @@ def run_one(job: dict) -> dict:
             else None
         )
     else:
-        cfg = load_preset_or_file(job["preset"], job["overrides"])
-        start = time.perf_counter()
-        result = run(cfg, resume=(run_dir / "last_state.pt").exists(), show_progress=False)
-        wall = time.perf_counter() - start
+        holder = _claim(run_dir)
+        if holder is not None:
+            print(f"{job['name']} is being trained by process {holder}: left out of this table",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        try:
+            cfg = load_preset_or_file(job["preset"], job["overrides"])
+            start = time.perf_counter()
+            result = run(cfg, resume=(run_dir / "last_state.pt").exists(), show_progress=False)
+            wall = time.perf_counter() - start
+        finally:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
         if result.status != "completed":  # Ctrl-C or max_steps: no row, keep what is saved
             raise RuntimeError(f"{job['name']} stopped ({result.status}); run again to resume it")
         metrics = result.metrics
@@ -261,6 +307,8 @@ def main() -> None:
     if args.only_completed and not _completed(teacher_dir):
         sys.exit(f"{teacher_dir} has no completed teacher; --only-completed trains nothing")
     teacher = run_one(teacher_job)
+    if teacher is None:
+        sys.exit(f"{teacher_dir} is being trained by another process; run again when it is done")
     jobs = []
     for method in args.methods:
         for seed in args.seeds:
@@ -298,14 +346,14 @@ def main() -> None:
             rows = list(pool.map(run_one, jobs))
     else:
         rows = [run_one(job) for job in jobs]
+    rows = [row for row in rows if row is not None]
     for row in [teacher, *rows]:
         row["epochs"] = json.loads((Path(row["run_dir"]) / "summary.json").read_text())["epoch"]
     table = summarise(rows, teacher)
     out = Path(args.out or f"benchmarks/results/{args.preset}_methods.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(table, teacher, out.with_suffix(".png"))
-    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
-    emit({"benchmark": "method_table", **environment(), "command": command, "preset": args.preset,
+    emit({"benchmark": "method_table", **environment(), "preset": args.preset,
           "teacher": teacher, "summary": table, "runs": rows}, str(out))  # fmt: skip
     out.with_suffix(".md").write_text(markdown(table, teacher))
     print(markdown(table, teacher))

@@ -17,7 +17,7 @@ from conftest import TINY_OVERRIDES
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from method_table import markdown, parse_options, summarise  # noqa: E402
+from method_table import LOCK_FILE, _claim, markdown, parse_options, summarise  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test here trains or spawns processes
 
@@ -69,8 +69,25 @@ def test_a_finished_table_is_not_trained_again(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     second = json.loads(out.read_text())
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert not list((tmp_path / "runs").glob(f"*/{LOCK_FILE}"))  # released after each run
     assert [r["mAP"] for r in second["runs"]] == [r["mAP"] for r in first["runs"]]
     assert (
         out.with_suffix(".png").is_file()
         and "| rm-prob | rm 1 (rm: score=prob) |" in out.with_suffix(".md").read_text()
     )
+
+
+def test_a_run_held_by_a_live_process_is_not_claimed_and_a_dead_holder_is_taken_over(tmp_path):
+    run_dir = tmp_path / "rm_s0"
+    assert _claim(run_dir) is None
+    assert (run_dir / LOCK_FILE).read_text() == str(os.getpid())
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / LOCK_FILE).write_text(str(holder.pid))
+        assert _claim(run_dir) == holder.pid
+        assert (run_dir / LOCK_FILE).read_text() == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _claim(run_dir) is None  # the holder died: its lock is stale
+    assert (run_dir / LOCK_FILE).read_text() == str(os.getpid())
