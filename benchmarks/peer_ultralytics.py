@@ -16,6 +16,15 @@ records prediction images/s. Ultralytics trains on CPU with
 ``min(8, cores - 1)`` threads (one on a 2-core machine) whatever the caller
 sets; our demo's times are at 2 threads.
 
+Ultralytics' defaults are made for schedules of 100 epochs and more: 3
+warm-up epochs, and mosaic augmentation until the last 10. In 6-8 epochs
+that leaves the models barely trained, so the script also takes training
+settings for all three runs, e.g. for a short schedule::
+
+    python benchmarks/peer_ultralytics.py --train-arg warmup_epochs=0.5 \
+        --train-arg close_mosaic=8 --workdir runs/peer_ultralytics_short \
+        --out benchmarks/results/peer_ultralytics_short.json
+
 Offline: ``YOLO_OFFLINE`` is set, settings sync is off, plots (which fetch a
 font) and AMP (whose check fetches weights) are disabled, and models are built
 from the YAML files inside the package.
@@ -29,6 +38,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from _common import emit, environment
 from detdistill.data.embedded import embedded_dir, make_embedded
@@ -57,8 +68,6 @@ def require_ultralytics():
 
 def student_yaml(ultralytics, workdir: Path) -> Path:
     """YOLO11 with one scale, depth 0.25 and width 0.0625: about our student's 0.29 M parameters."""
-    import yaml
-
     base = Path(ultralytics.__file__).parent / "cfg" / "models" / "11" / "yolo11.yaml"
     config = yaml.safe_load(base.read_text())
     config["scales"] = {"p": [0.25, 0.0625, 1024]}
@@ -127,6 +136,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="share of the training images (a smoke run: 0.05)")  # fmt: skip
+    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an Ultralytics training setting for all three runs, e.g. "
+                             "close_mosaic=8 (values read as YAML)")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/peer_ultralytics.json")
     args = parser.parse_args()
     ultralytics, YOLO = require_ultralytics()
@@ -149,6 +161,8 @@ def main() -> None:
               "workers": 0, "seed": 0, "deterministic": True, "plots": False, "amp": False,
               "project": str(workdir), "exist_ok": True, "verbose": False, "val": False,
               "fraction": args.fraction}  # fmt: skip
+    settings = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.train_arg)}
+    common.update(settings)
 
     runs = {}
     for name, model_yaml, epochs, extra in (
@@ -175,7 +189,7 @@ def main() -> None:
     gap = teacher - student
     emit({"benchmark": "peer_ultralytics", **environment(), "ultralytics": ultralytics.__version__,
           "image_size": args.size,
-          "train_fraction": args.fraction, "runs": runs,
+          "train_fraction": args.fraction, "train_settings": settings, "runs": runs,
           "gain": distilled - student, "gap_closed": (distilled - student) / gap if gap > 0 else None},
          args.out)  # fmt: skip
 
