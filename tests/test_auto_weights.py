@@ -148,8 +148,9 @@ def test_ratio_kinds_are_checked_and_default():
     with pytest.raises(WeightError, match="auto_ratio.features must be a finite number > 0"):
         check_ratios({"features": float("inf")})
     assert {m: type(Distiller(tiny(width=8), tiny(width=16), {m: 1.0}).methods[m]).imitates
-            for m in ("rm", "kd", "pfi", "fitnet")} == {
-        "rm": "outputs", "kd": "outputs", "pfi": "features", "fitnet": "features"}  # fmt: skip
+            for m in ("rm", "kd", "pfi", "fitnet", "crosskd")} == {
+        "rm": "outputs", "kd": "outputs", "pfi": "features", "fitnet": "features",
+        "crosskd": "features"}  # fmt: skip
 
 
 def test_config_accepts_auto_next_to_numbers():

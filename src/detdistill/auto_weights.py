@@ -13,13 +13,15 @@ parameters it shares with the detection loss is ``r_m`` times the detection
 loss's gradient there. ``r_m`` depends on what the term imitates
 (:data:`DEFAULT_RATIOS`):
 
-* ``features`` (PFI, FitNet, FGFI, DeFeat, scorel2, PKD): 10. These terms never
-  reach the head (PFI's weight is detached), so the head keeps learning from
-  the labels alone while the backbone and neck are led by the teacher's
-  features, a representation that is known to be good for detection.
-* ``outputs`` (RM, KD, CrossKD, LD): 0.3. These terms share the head with the
-  detection loss (CrossKD its towers), and RM carries no absolute signal at all (only the order of an
-  object's candidates); pulling harder than the labels there trades the
+* ``features`` (PFI, FitNet, FGFI, DeFeat, scorel2, PKD, CrossKD): 10. These
+  terms never reach the student's predictors (PFI's weight is detached;
+  CrossKD's gradient comes back through the teacher's head into the
+  student's features), so the predictors keep learning from the labels alone
+  while the backbone and neck are led by the teacher, a representation that
+  is known to be good for detection.
+* ``outputs`` (RM, KD, LD): 0.3. These terms share the predictors with the
+  detection loss, and RM carries no absolute signal at all (only the order of
+  an object's candidates); pulling harder than the labels there trades the
   labels' information for the teacher's mistakes.
 
 Both numbers were chosen on ``digits`` only (seed 0, 6-epoch students; the
