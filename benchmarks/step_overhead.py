@@ -105,17 +105,14 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
 
     image_list, _ = student.transform(images, [dict(t) for t in targets])
 
-    @torch.no_grad()
-    def forward(model) -> None:
-        model.forward_batch(image_list.tensors, image_list.image_sizes)
-
     def teacher_forward() -> None:  # as the Distiller runs it (inference mode, its layout)
         distiller.teacher_outputs(image_list.tensors, image_list.image_sizes)
 
+    @torch.no_grad()
     def student_forward() -> None:
         was_training = student.training
         student.eval()
-        forward(student)
+        student.forward_batch(image_list.tensors, image_list.image_sizes)
         student.train(was_training)
 
     def distill_step() -> None:
