@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from detdistill.losses import (
     DistillBatch,
@@ -154,8 +155,13 @@ def iou(a, b):
 
 
 @pytest.mark.parametrize("k", [2, 5, 1000])
-def test_rm_topk_candidates_are_each_objects_best_overlapping_anchors(k):
+@pytest.mark.parametrize("assigner_ious", [False, True])
+def test_rm_topk_candidates_are_each_objects_best_overlapping_anchors(k, assigner_ious):
     batch = make_batch()
+    if assigner_ious:  # as RetinaNet's and ATSS's assigners hand them on; else computed here
+        batch.student.gt_ious = [
+            box_iou(b, a) for b, a in zip(batch.gt_boxes, batch.student.anchors, strict=True)
+        ]
     candidates = batch.top_iou_candidates(k)
     anchors = batch.student.anchors[0].tolist()
     expected = set()
@@ -178,6 +184,20 @@ def test_rm_topk_candidates_are_each_objects_best_overlapping_anchors(k):
     assert loss.item() == pytest.approx(
         rank_mimicking_loss(s, t, candidates.instances).item(), rel=1e-6
     )
+
+
+def test_rm_topk_candidates_take_the_assigners_ious_when_given():
+    batch = make_batch()
+    r = batch.student.anchors[0].shape[0]
+    ious = torch.zeros(2, r)
+    ious[0, [7, 8]] = torch.tensor([0.9, 0.8])
+    ious[1, 11] = 0.5
+    batch.student.gt_ious = [ious, torch.zeros(0, r)]
+    candidates = batch.top_iou_candidates(4)
+    assert candidates.anchors.tolist() == [7, 8, 11]
+    assert candidates.instances.tolist() == [0, 0, 1]
+    assert candidates.images.tolist() == [0, 0, 0]
+    assert candidates.classes.tolist() == [2, 2, 0]
 
 
 def test_rm_options_are_checked():

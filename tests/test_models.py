@@ -324,16 +324,18 @@ def test_atss_assign_matches_loop_reference(seed):
     wh = 6 + torch.rand(6, 2, generator=g, dtype=torch.float64) * 30
     gt = torch.cat((xy, (xy + wh).clamp(max=64)), 1)
     sizes = [len(x) for x in levels]
-    got = atss_assign(anchors, sizes, gt, topk=9)
+    got, ious = atss_assign(anchors, sizes, gt, topk=9)
     expected = _atss_loop_reference(anchors, sizes, gt, topk=9)
     assert (got >= 0).sum() > 6
     assert torch.equal(got, expected)
+    assert torch.equal(ious, box_iou(gt, anchors))  # handed on for RM's top-k bags
 
 
 def test_atss_assign_empty_and_single_candidate():
     anchors = torch.tensor([[0.0, 0, 10, 10]])
-    assert atss_assign(anchors, [1], torch.zeros(0, 4)).tolist() == [-1]
-    assert atss_assign(anchors, [1], torch.tensor([[2.0, 2, 9, 9]])).tolist() == [0]
+    matched, ious = atss_assign(anchors, [1], torch.zeros(0, 4))
+    assert matched.tolist() == [-1] and ious.shape == (0, 1)
+    assert atss_assign(anchors, [1], torch.tensor([[2.0, 2, 9, 9]]))[0].tolist() == [0]
 
 
 # ----------------------------------------------------------------- backbones

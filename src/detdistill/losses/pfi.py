@@ -96,9 +96,8 @@ def pfi_loss(
     for f_s, f_t, z_s, z_t in zip(
         student_feats, teacher_feats, student_logits, teacher_logits, strict=True
     ):
-        weight = prediction_difference(z_s, z_t.detach())
-        if detach_weight:
-            weight = weight.detach()
+        with torch.set_grad_enabled(not detach_weight and torch.is_grad_enabled()):
+            weight = prediction_difference(z_s, z_t.detach())  # no graph kept when detached
         if weight_norm == "mean" and weight.numel() > 0:
             weight = weight / weight.detach().mean().clamp_min(torch.finfo(weight.dtype).tiny)
         weighted = weight * feature_difference(f_s, f_t)

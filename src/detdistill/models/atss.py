@@ -25,7 +25,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .base import OneStageDetector
 from .fcos import centerness_head_predict
-from .output import DetectorOutput
+from .output import Assignment, DetectorOutput
 from .registry import register_detector
 
 __all__ = ["ATSS", "ATSSHead", "atss_assign", "atss_candidates", "centerness_target"]
@@ -60,8 +60,9 @@ def atss_candidates(
 
 def atss_assign(
     anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, topk: int = 9
-) -> Tensor:
-    """Adaptive Training Sample Selection for one image: ``(R,)`` gt index or ``-1``.
+) -> tuple[Tensor, Tensor]:
+    """Adaptive Training Sample Selection for one image: ``(R,)`` gt index or ``-1``, and
+    the ``(M, R)`` IoUs of boxes and anchors it computed on the way.
 
     Candidates and thresholds as :func:`atss_candidates`; candidates at or above
     their box's threshold whose centre lies inside the box are positive. An
@@ -70,7 +71,10 @@ def atss_assign(
     """
     num_anchors = anchors.shape[0]
     if gt_boxes.numel() == 0:
-        return torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device)
+        return (
+            torch.full((num_anchors,), -1, dtype=torch.int64, device=anchors.device),
+            anchors.new_zeros((0, num_anchors)),
+        )
     num_gt = gt_boxes.shape[0]
     ious, cand, thresholds = atss_candidates(anchors, num_anchors_per_level, gt_boxes, topk)
     cand_ious = ious.gather(0, cand)
@@ -92,7 +96,7 @@ def atss_assign(
     overlaps[cand[is_pos], gt_idx[is_pos]] = cand_ious[is_pos]
     best, matched = overlaps.max(dim=1)
     matched[best == -math.inf] = -1
-    return matched
+    return matched, ious.T
 
 
 def centerness_target(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -217,18 +221,21 @@ class ATSS(OneStageDetector):
     ) -> tuple[Tensor, Tensor, Tensor]:
         return centerness_head_predict(self.head, cls_feature, reg_feature)
 
-    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
+    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> Assignment:
         sizes = output.num_anchors_per_level()
-        return [
-            atss_assign(a, sizes, t["boxes"], self.topk)
+        per_image = [
+            atss_assign(a, sizes, t["boxes"].to(a.dtype), self.topk)
             for a, t in zip(output.anchors, targets, strict=True)
         ]
+        return Assignment([m for m, _ in per_image], [iou for _, iou in per_image])
 
     def compute_loss(
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         matched = (
-            output.matched_idxs if output.matched_idxs is not None else self.assign(output, targets)
+            output.matched_idxs
+            if output.matched_idxs is not None
+            else self.assign(output, targets).matched_idxs
         )
         quality = output.flat_quality()
         assert quality is not None

@@ -25,7 +25,7 @@ from torchvision.ops import boxes as box_ops
 
 from .anchors import default_anchor_scale, octave_anchor_sizes
 from .backbones import BackboneFPN, build_backbone
-from .output import DetectorOutput, flatten_level
+from .output import Assignment, DetectorOutput, flatten_level
 
 __all__ = ["OneStageDetector"]
 
@@ -130,8 +130,8 @@ class OneStageDetector(nn.Module):
         """The predictor layers on one level's tower outputs: ``(cls, bbox, quality)``."""
         raise NotImplementedError
 
-    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
-        """Per image ``(R,)`` matched ground-truth index (``-1`` bg, ``-2`` ignored)."""
+    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> Assignment:
+        """Per image ``(R,)`` matched ground-truth index (``-1`` bg, ``-2`` ignored), and the IoUs."""
         raise NotImplementedError
 
     def compute_loss(
@@ -283,7 +283,7 @@ class OneStageDetector(nn.Module):
         if targets is not None:
             if len(targets) != images.shape[0]:
                 raise ValueError(f"got {len(targets)} targets for {images.shape[0]} images")
-            output.matched_idxs = self.assign(output, targets)
+            output.matched_idxs, output.gt_ious = self.assign(output, targets)
             output.losses = self.compute_loss(output, targets)
         return output
 

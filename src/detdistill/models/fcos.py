@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
 from .base import OneStageDetector
-from .output import DetectorOutput
+from .output import Assignment, DetectorOutput
 from .registry import register_detector
 
 __all__ = ["FCOS", "fcos_assign"]
@@ -131,19 +131,22 @@ class FCOS(OneStageDetector):
         )
         return cls_logits, nn.functional.relu(bbox_regression), quality  # ltrb distances >= 0
 
-    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
+    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> Assignment:
         sizes = output.num_anchors_per_level()
-        return [
+        matched = [
             fcos_assign(anchors, sizes, t["boxes"], self.center_sampling_radius)
             for anchors, t in zip(output.anchors, targets, strict=True)
         ]
+        return Assignment(matched, None)  # FCOS assigns by location, not by overlap
 
     def compute_loss(
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         """torchvision's ``FCOSHead.compute_loss`` (float32); ``bbox_ctrness`` renamed ``centerness``."""
         matched = (
-            output.matched_idxs if output.matched_idxs is not None else self.assign(output, targets)
+            output.matched_idxs
+            if output.matched_idxs is not None
+            else self.assign(output, targets).matched_idxs
         )
         quality = output.flat_quality()
         assert quality is not None

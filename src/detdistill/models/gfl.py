@@ -189,7 +189,9 @@ class GFL(ATSS):
     ) -> dict[str, Tensor]:
         """QFL over every anchor, GIoU and DFL on the positives (module docstring)."""
         matched = (
-            output.matched_idxs if output.matched_idxs is not None else self.assign(output, targets)
+            output.matched_idxs
+            if output.matched_idxs is not None
+            else self.assign(output, targets).matched_idxs
         )
         cls_logits = output.flat_cls_logits().float()  # (N, R, K)
         codes = output.flat_bbox_regression().float()  # (N, R, 4 (reg_max + 1))

@@ -18,12 +18,14 @@ Distillation losses, the detection loss and post-processing all read from
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["DetectorOutput", "flatten_level", "flatten_levels"]
+__all__ = ["Assignment", "DetectorOutput", "flatten_level", "flatten_levels"]
 
 
 def flatten_level(x: Tensor, channels_per_anchor: int) -> Tensor:
@@ -43,6 +45,20 @@ def flatten_level(x: Tensor, channels_per_anchor: int) -> Tensor:
 def flatten_levels(xs: list[Tensor], channels_per_anchor: int) -> Tensor:
     """Flatten every level with :func:`flatten_level` and concatenate: ``(N, R, X)``."""
     return torch.cat([flatten_level(x, channels_per_anchor) for x in xs], dim=1)
+
+
+class Assignment(NamedTuple):
+    """What a detector's assigner decided for one batch.
+
+    ``matched_idxs``: per image ``(R,)``, see :attr:`DetectorOutput.matched_idxs`.
+    ``gt_ious``: per image ``(M, R)`` IoU of every ground-truth box with every
+    anchor, where the assigner computes it anyway (RetinaNet, ATSS, GFL), so a
+    method that ranks anchors by overlap (RM's top-k bags) need not compute it
+    again; ``None`` for assigners that do not (FCOS).
+    """
+
+    matched_idxs: list[Tensor]
+    gt_ious: list[Tensor] | None
 
 
 @dataclass
@@ -65,6 +81,8 @@ class DetectorOutput:
         matched_idxs: per image ``(R,)`` int64 from the detector's own assigner:
             ``>= 0`` index of the positive's ground truth, ``-1`` background,
             ``-2`` ignored. ``None`` when no targets were given.
+        gt_ious: per image ``(M, R)`` IoU of each ground truth with each anchor,
+            when the assigner computed it (:class:`Assignment`), else ``None``.
         losses: detection loss terms by name; empty when no targets were given.
         tower_features: ``(cls, reg)`` per-level head tower features after the
             first ``keep_tower`` convs, when ``forward_batch`` was asked for them.
@@ -78,6 +96,7 @@ class DetectorOutput:
     anchors: list[Tensor]
     image_sizes: list[tuple[int, int]]
     matched_idxs: list[Tensor] | None = None
+    gt_ious: list[Tensor] | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     tower_features: tuple[list[Tensor], list[Tensor]] | None = None
     box_code_size: int = 4
@@ -94,6 +113,14 @@ class DetectorOutput:
         """``H_l * W_l * A`` for every level (split sizes of the flat anchor axis)."""
         a = self.num_anchors_per_location
         return [x.shape[-2] * x.shape[-1] * a for x in self.cls_logits]
+
+    def map_levels(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply ``fn`` to every per-level tensor (features and head outputs), in place."""
+        self.features = [fn(x) for x in self.features]
+        self.cls_logits = [fn(x) for x in self.cls_logits]
+        self.bbox_regression = [fn(x) for x in self.bbox_regression]
+        if self.quality is not None:
+            self.quality = [fn(x) for x in self.quality]
 
     def flat_cls_logits(self) -> Tensor:
         """``(N, R, K)`` in the anchor order of :attr:`anchors`."""

@@ -21,7 +21,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import boxes as box_ops
 
 from .base import OneStageDetector
-from .output import DetectorOutput
+from .output import Assignment, DetectorOutput
 from .registry import register_detector
 
 __all__ = ["RetinaNet"]
@@ -107,24 +107,28 @@ class RetinaNet(OneStageDetector):
             None,
         )
 
-    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> list[Tensor]:
+    def assign(self, output: DetectorOutput, targets: list[dict[str, Tensor]]) -> Assignment:
         """IoU matching, torchvision's ``RetinaNet.compute_loss`` assignment."""
-        matched = []
+        matched, ious = [], []
         for anchors, target in zip(output.anchors, targets, strict=True):
+            iou = box_ops.box_iou(target["boxes"].to(anchors.dtype), anchors)  # (M, R)
+            ious.append(iou)
             if target["boxes"].numel() == 0:
                 matched.append(
                     torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
                 )
                 continue
-            matched.append(self.proposal_matcher(box_ops.box_iou(target["boxes"], anchors)))
-        return matched
+            matched.append(self.proposal_matcher(iou))
+        return Assignment(matched, ious)
 
     def compute_loss(
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         """torchvision's ``RetinaNetHead.compute_loss`` on the flattened outputs (float32)."""
         matched = (
-            output.matched_idxs if output.matched_idxs is not None else self.assign(output, targets)
+            output.matched_idxs
+            if output.matched_idxs is not None
+            else self.assign(output, targets).matched_idxs
         )
         head_outputs = {
             "cls_logits": output.flat_cls_logits().float(),
