@@ -173,6 +173,19 @@ def test_the_presets_named_in_the_docs_exist_and_say_what_they_claim() -> None:
     assert distill.model == student.model and distill.train == student.train
     assert distill.distill is not None and student.distill is None
 
+    # The demo's presets: the same data, backbones and recipe, with a GFL head.
+    gfl = {
+        r: load_config(CONFIGS / f"digits_gfl_{r}.yaml") for r in ("teacher", "student", "distill")
+    }
+    assert {c.model.name for c in gfl.values()} == {"gfl"}
+    assert gfl["teacher"].data == gfl["student"].data == gfl["distill"].data == teacher.data
+    assert gfl["teacher"].model.backbone_kwargs == teacher.model.backbone_kwargs
+    assert gfl["student"].model.backbone_kwargs == student.model.backbone_kwargs
+    assert gfl["distill"].model == gfl["student"].model
+    assert gfl["distill"].train == gfl["student"].train == student.train
+    assert gfl["distill"].distill.methods == distill.distill.methods
+    assert gfl["distill"].distill.teacher_checkpoint == f"{gfl['teacher'].output_dir}/model.pt"
+
     voc = load_config(CONFIGS / "voc_r50_r18.yaml")
     assert voc.data.format == "voc" and voc.model.num_classes == 20
     assert voc.model.backbone == "resnet18" and voc.distill is not None
