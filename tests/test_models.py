@@ -338,6 +338,30 @@ def test_atss_assign_empty_and_single_candidate():
     assert atss_assign(anchors, [1], torch.tensor([[2.0, 2, 9, 9]]))[0].tolist() == [0]
 
 
+@pytest.mark.parametrize("name", DETECTORS)
+def test_every_assigner_hands_on_the_ious_it_computed(name):
+    model = tiny(name).train()
+    targets = [some_targets()[0], empty_target()]
+    images = [torch.rand(3, SIZE, SIZE), torch.rand(3, SIZE, SIZE)]
+    output = model(images, targets)
+    if name == "fcos":  # assigns by location: it never compares boxes with anchors
+        assert output.gt_ious is None
+        return
+    for ious, t, anchors in zip(output.gt_ious, targets, output.anchors, strict=True):
+        assert torch.allclose(ious, box_iou(t["boxes"], anchors))
+
+
+def test_an_assigner_returning_a_plain_list_is_a_clear_error():
+    class OldStyle(type(tiny("retinanet"))):
+        def assign(self, output, targets):
+            return super().assign(output, targets).matched_idxs
+
+    model = tiny("retinanet")
+    model.__class__ = OldStyle
+    with pytest.raises(TypeError, match="OldStyle.assign must return an Assignment"):
+        model.train()([torch.rand(3, SIZE, SIZE)], [some_targets()[1]])
+
+
 # ----------------------------------------------------------------- backbones
 @pytest.mark.parametrize("name", list_backbones())
 def test_backbones_give_every_level(name):

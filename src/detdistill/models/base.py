@@ -283,7 +283,13 @@ class OneStageDetector(nn.Module):
         if targets is not None:
             if len(targets) != images.shape[0]:
                 raise ValueError(f"got {len(targets)} targets for {images.shape[0]} images")
-            output.matched_idxs, output.gt_ious = self.assign(output, targets)
+            assignment = self.assign(output, targets)
+            if not isinstance(assignment, Assignment):
+                raise TypeError(
+                    f"{type(self).__name__}.assign must return an Assignment(matched_idxs, "
+                    f"gt_ious), got {type(assignment).__name__}"
+                )
+            output.matched_idxs, output.gt_ious = assignment
             output.losses = self.compute_loss(output, targets)
         return output
 
