@@ -69,10 +69,13 @@ def run_pair(
     student.check_targets(images, targets)
     image_list, batch_targets = student.transform(images, targets)
     tensors, sizes = image_list.tensors, image_list.image_sizes
+    # Teacher first: its activations are freed before the student's, which backward
+    # needs, are made, so the two never share the peak memory, and the student's forward
+    # and backward run back to back.
+    teacher_output = (teacher_forward or _plain_teacher(teacher))(tensors, sizes)
     output, adapted, tower = (student_forward or _plain_student(student))(
         tensors, sizes, batch_targets
     )
-    teacher_output = (teacher_forward or _plain_teacher(teacher))(tensors, sizes)
     return DistillBatch(
         student=output,
         teacher=teacher_output,
