@@ -74,8 +74,8 @@ def run_demo(
 
     The two students need only the teacher, not each other, so they train side
     by side, each in its own process with half the cores: small models use two
-    threads poorly, and on 2 cores this took 5.0 min where one after the other
-    at 2 threads took 6.2.
+    threads poorly: on 2 cores the two took 5.2 min side by side, 6.2 one after
+    the other at 2 threads.
     """
     start = time.perf_counter()
     phase_minutes: dict[str, float] = {}
