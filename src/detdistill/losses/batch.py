@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from detdistill.errors import DetDistillError
 from detdistill.models.output import DetectorOutput
@@ -116,37 +117,24 @@ class DistillBatch:
 
         A bag as ATSS draws before thresholding: larger than the assigner's
         positives (3.8 per object for the ``digits`` student), and the same
-        size for every object, so there is an order worth mimicking. All
-        objects of the batch at once (no loop over images): the overlaps are
-        one ``(objects, anchors)`` matrix, the student's assigner's
-        (``student.gt_ious``) where it computed one, as it took most of RM's
-        time otherwise.
+        size for every object, so there is an order worth mimicking. The
+        overlaps are the student's assigner's (``student.gt_ious``) where it
+        computed them: computing them again took most of RM's time. The top-k
+        runs on all objects of the batch at once.
         """
         counts = torch.tensor([b.shape[0] for b in self.gt_boxes])
         if int(counts.sum()) == 0:
             return self.candidates
-        anchors = torch.stack(self.student.anchors)  # one batched tensor: one anchor count
-        image_of = torch.repeat_interleave(torch.arange(len(counts)), counts).to(anchors.device)
-        if self.student.gt_ious is not None:
-            iou = torch.cat(self.student.gt_ious)
-        else:
-            iou = _paired_iou(torch.cat(self.gt_boxes).to(anchors.dtype), anchors[image_of])
-        values, index = iou.topk(min(k, anchors.shape[1]), dim=1)
+        ious = self.student.gt_ious
+        if ious is None:  # an assigner that never compares boxes with anchors (FCOS)
+            ious = [
+                box_iou(boxes.to(anchors.dtype), anchors)
+                for boxes, anchors in zip(self.gt_boxes, self.student.anchors, strict=True)
+            ]
+        iou = torch.cat(ious)  # (objects, anchors): one batched tensor, one anchor count
+        values, index = iou.topk(min(k, iou.shape[1]), dim=1)
         instances, rank = torch.nonzero(values > 0, as_tuple=True)
         chosen = index[instances, rank]
+        image_of = torch.repeat_interleave(torch.arange(len(counts)), counts).to(chosen.device)
         classes = torch.cat(self.gt_labels)[instances].to(chosen.dtype)
         return Candidates(image_of[instances], chosen, classes, instances)
-
-
-def _paired_iou(boxes: Tensor, anchors: Tensor) -> Tensor:
-    """IoU of each box with each of its own anchors: ``(G, 4)`` and ``(G, R, 4)`` -> ``(G, R)``.
-
-    :func:`torchvision.ops.box_iou` pairs every box with every anchor of the
-    batch; here box ``g`` meets only the anchors of its image.
-    """
-    top_left = torch.max(boxes[:, None, :2], anchors[..., :2])
-    bottom_right = torch.min(boxes[:, None, 2:], anchors[..., 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
-    box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    anchor_area = (anchors[..., 2] - anchors[..., 0]) * (anchors[..., 3] - anchors[..., 1])
-    return inter / (box_area[:, None] + anchor_area - inter)

@@ -232,11 +232,7 @@ class ATSS(OneStageDetector):
     def compute_loss(
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        matched = (
-            output.matched_idxs
-            if output.matched_idxs is not None
-            else self.assign(output, targets).matched_idxs
-        )
+        matched = output.matched_idxs  # set by forward_batch from assign()
         quality = output.flat_quality()
         assert quality is not None
         return self.head.compute_loss(

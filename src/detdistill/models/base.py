@@ -137,7 +137,11 @@ class OneStageDetector(nn.Module):
     def compute_loss(
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        """Detection losses, normalised by the number of positives (>= 1)."""
+        """Detection losses, normalised by the number of positives (>= 1).
+
+        Called by :meth:`forward_batch` after :meth:`assign` has filled
+        ``output.matched_idxs``.
+        """
         raise NotImplementedError
 
     def decode_boxes(self, rel_codes: Tensor, anchors: Tensor) -> Tensor:

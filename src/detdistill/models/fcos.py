@@ -143,11 +143,7 @@ class FCOS(OneStageDetector):
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         """torchvision's ``FCOSHead.compute_loss`` (float32); ``bbox_ctrness`` renamed ``centerness``."""
-        matched = (
-            output.matched_idxs
-            if output.matched_idxs is not None
-            else self.assign(output, targets).matched_idxs
-        )
+        matched = output.matched_idxs  # set by forward_batch from assign()
         quality = output.flat_quality()
         assert quality is not None
         head_outputs = {

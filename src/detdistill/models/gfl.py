@@ -188,11 +188,7 @@ class GFL(ATSS):
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         """QFL over every anchor, GIoU and DFL on the positives (module docstring)."""
-        matched = (
-            output.matched_idxs
-            if output.matched_idxs is not None
-            else self.assign(output, targets).matched_idxs
-        )
+        matched = output.matched_idxs  # set by forward_batch from assign()
         cls_logits = output.flat_cls_logits().float()  # (N, R, K)
         codes = output.flat_bbox_regression().float()  # (N, R, 4 (reg_max + 1))
         matched_all = torch.stack(matched)

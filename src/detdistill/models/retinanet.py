@@ -125,11 +125,7 @@ class RetinaNet(OneStageDetector):
         self, output: DetectorOutput, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         """torchvision's ``RetinaNetHead.compute_loss`` on the flattened outputs (float32)."""
-        matched = (
-            output.matched_idxs
-            if output.matched_idxs is not None
-            else self.assign(output, targets).matched_idxs
-        )
+        matched = output.matched_idxs  # set by forward_batch from assign()
         head_outputs = {
             "cls_logits": output.flat_cls_logits().float(),
             "bbox_regression": output.flat_bbox_regression().float(),
