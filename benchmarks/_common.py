@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +63,27 @@ def call_times(
             times[name].append(time.perf_counter() - start)
         order.reverse()
     return times
+
+
+def paired_ratios(
+    times: Mapping[str, list[float]], numerator: str, denominator: tuple[str, ...]
+) -> dict[str, object]:
+    """``numerator / sum(denominator)`` per round of :func:`call_times`, and their quartiles.
+
+    The calls of one round run back to back, within seconds, while this
+    machine's speed drifts by +-15% over minutes: a ratio taken within a round
+    cancels the drift, where a ratio of two separately chosen best or median
+    times does not. The median of the per-round ratios is the estimate; the
+    quartiles say how far to trust it.
+    """
+    ratios = [
+        top / sum(parts)
+        for top, *parts in zip(times[numerator], *(times[d] for d in denominator), strict=True)
+    ]
+    q1, _, q3 = (
+        statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    )
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "ratios": ratios}
 
 
 def best_times(

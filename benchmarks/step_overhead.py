@@ -6,18 +6,21 @@ For each teacher/student pair, on one fixed batch and in one process: a
 student-only training step, a teacher forward pass (no grad), and a
 distillation step with the chosen methods, plus
 ``overhead_ratio = distill_step / (student_step + teacher_forward)``: 1.0 means
-the distillation terms, adapters and bookkeeping cost nothing extra. With
-``--rounds K`` the whole measurement runs K times and the median round is
-reported, with every round's ratio in ``overhead_ratio_rounds``.
+the distillation terms, adapters and bookkeeping cost nothing extra. The three
+calls take turns, and the ratio is taken within each turn and its median over
+``--repeats`` turns reported, with the quartiles (``_common.paired_ratios``):
+this machine's speed drifts by +-15% over minutes, which a ratio of separately
+chosen best times does not cancel. The times are the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
-from _common import best_times, emit, environment
+from _common import call_times, emit, environment, paired_ratios
 from detdistill.distill import Distiller
 from detdistill.engine.presets import load_preset_or_file
 from detdistill.models import build_detector
@@ -90,9 +93,7 @@ def build_pair(spec: dict, methods: dict[str, float]) -> Distiller:
     return Distiller(student, teacher, methods).train()
 
 
-def measure(
-    name: str, spec: dict, methods: dict[str, float], repeats: int, rounds: int = 1
-) -> dict:
+def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> dict:
     distiller = build_pair(spec, methods)
     teacher, student = distiller.teacher, distiller.student
     images, targets = make_batch(spec["size"], spec["batch"], NUM_CLASSES)
@@ -124,15 +125,12 @@ def measure(
 
     functions = {"student": student_step, "teacher": teacher_forward, "distill": distill_step,
                  "student_forward": student_forward}  # fmt: skip
-    # This machine's speed drifts by +-15% over minutes; each round is a full interleaved
-    # measurement, and the reported times are the median round's.
-    measured = [best_times(functions, repeats) for _ in range(rounds)]
-    ratios = [m["distill"] / (m["student"] + m["teacher"]) for m in measured]
-    best = measured[sorted(range(rounds), key=ratios.__getitem__)[rounds // 2]]
-    student_s, teacher_s, distill_s = best["student"], best["teacher"], best["distill"]
-    student_forward_s = best["student_forward"]
+    times = call_times(functions, repeats)
+    ratio = paired_ratios(times, "distill", ("student", "teacher"))
+    student_s, teacher_s, distill_s, student_forward_s = (
+        statistics.median(times[k]) for k in ("student", "teacher", "distill", "student_forward")
+    )
     return {
-        "overhead_ratio_rounds": ratios,
         "pair": name,
         "image_size": spec["size"],
         "batch": spec["batch"],
@@ -142,7 +140,9 @@ def measure(
         "student_step_s": student_s,
         "teacher_forward_s": teacher_s,
         "distill_step_s": distill_s,
-        "overhead_ratio": distill_s / (student_s + teacher_s),
+        "overhead_ratio": ratio["median"],
+        "overhead_ratio_quartiles": [ratio["q1"], ratio["q3"]],
+        "overhead_ratio_per_turn": ratio["ratios"],
         "student_train_images_per_s": spec["batch"] / student_s,
         "distill_train_images_per_s": spec["batch"] / distill_s,
         # The network alone in eval mode (no resize, decoding or NMS): inference_speed.py
@@ -171,12 +171,8 @@ def parse_methods(text: str) -> dict[str, float]:
 
 def main() -> None:
     parser = pair_parser(__doc__)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="whole measurements in a row; the median round is reported")  # fmt: skip
     args = parser.parse_args()
-    results = [
-        measure(name, PAIRS[name], args.methods, args.repeats, args.rounds) for name in args.pairs
-    ]
+    results = [measure(name, PAIRS[name], args.methods, args.repeats) for name in args.pairs]
     emit({"benchmark": "step_overhead", **environment(), "results": results}, args.out)
 
 

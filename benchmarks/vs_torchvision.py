@@ -9,8 +9,10 @@ and both run the same batch of 2 images in one process: a training step
 (forward, backward, SGD step) and inference (eval forward with
 post-processing), at 320 and 640 px. The four step functions take turns in
 every round (``_common.call_times``), so a change in machine load falls on
-both detectors alike. Each number is the median of ``--repeats`` after one
-warm-up; ``ratio`` is ours / torchvision's (1.0 is parity, below 1 is faster).
+both detectors alike. Times are medians of ``--repeats`` after one warm-up;
+``ratio`` is ours / torchvision's (1.0 is parity, below 1 is faster), taken
+within each turn and its median over the turns reported with the quartiles
+(``_common.paired_ratios``: the machine's drift cancels within a turn).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from _common import call_times, emit, environment
+from _common import call_times, emit, environment, paired_ratios
 from detdistill.models import build_detector
 
 NUM_CLASSES = 10
@@ -62,6 +64,9 @@ def batch(size: int) -> tuple[list[torch.Tensor], list[dict]]:
     return images, targets
 
 
+STEPS = ("train_step_s", "inference_s")
+
+
 def step_functions(model: torch.nn.Module, images, targets) -> dict[str, Callable[[], None]]:
     """A training step (forward, backward, SGD step) and inference (eval forward, post-processing)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -83,16 +88,21 @@ def step_functions(model: torch.nn.Module, images, targets) -> dict[str, Callabl
 
 
 def timings(models: dict[str, torch.nn.Module], images, targets, repeats: int) -> dict:
-    """Median times of each model's step functions, all interleaved (see ``call_times``)."""
+    """Each model's step functions, all interleaved (see ``call_times``): times and ratios."""
     fns = {
-        (owner, kind): fn
+        f"{owner}/{kind}": fn
         for owner, model in models.items()
         for kind, fn in step_functions(model, images, targets).items()
     }
     times = call_times(fns, repeats)
-    result: dict[str, dict[str, float]] = {owner: {} for owner in models}
-    for (owner, kind), t in times.items():
-        result[owner][kind] = statistics.median(t)
+    result: dict[str, dict] = {
+        owner: {kind: statistics.median(times[f"{owner}/{kind}"]) for kind in STEPS}
+        for owner in models
+    }
+    for kind in STEPS:
+        result[f"ratio_{kind.removesuffix('_s')}"] = paired_ratios(
+            times, f"detdistill/{kind}", (f"torchvision/{kind}",)
+        )
     return result
 
 
@@ -114,13 +124,15 @@ def main() -> None:
             images, targets = batch(size)
             measured = timings({"torchvision": reference, "detdistill": ours}, images, targets,
                                args.repeats)  # fmt: skip
-            tv, us = measured["torchvision"], measured["detdistill"]
+            train, inference = measured["ratio_train_step"], measured["ratio_inference"]
             results.append({
                 "detector": name, "image_size": size, "batch": len(images),
                 "params_M": sum(p.numel() for p in ours.parameters()) / 1e6,
-                "torchvision": tv, "detdistill": us,
-                "ratio_train_step": us["train_step_s"] / tv["train_step_s"],
-                "ratio_inference": us["inference_s"] / tv["inference_s"],
+                "torchvision": measured["torchvision"], "detdistill": measured["detdistill"],
+                "ratio_train_step": train["median"],
+                "ratio_train_step_quartiles": [train["q1"], train["q3"]],
+                "ratio_inference": inference["median"],
+                "ratio_inference_quartiles": [inference["q1"], inference["q3"]],
             })  # fmt: skip
     emit({"benchmark": "vs_torchvision", **environment(), "repeats": args.repeats,
           "results": results}, args.out)  # fmt: skip
