@@ -115,8 +115,8 @@ def test_flatten_levels_order_is_level_h_w_anchor():
 
 def test_rm_method_gathers_each_instance_class_logit():
     batch = make_batch()
-    flat_s = batch.student_flat_logits.detach()
-    flat_t = batch.teacher_flat_logits
+    flat_s = batch.student.flat_cls_logits().detach()
+    flat_t = batch.teacher.flat_cls_logits()
     rows = [(0, a, 2, 0) for a in (0, 1, 3, 9)] + [(0, a, 0, 1) for a in (5, 6, 39)]
     s = torch.stack([flat_s[n, a, k] for n, a, k, _ in rows])
     t = torch.stack([flat_t[n, a, k] for n, a, k, _ in rows])
@@ -179,8 +179,8 @@ def test_rm_topk_candidates_are_each_objects_best_overlapping_anchors(k, assigne
     got = set(zip(*(x.tolist() for x in candidates), strict=True))
     assert got == expected  # the second image has no objects and adds nothing
     loss = build_method("rm", candidates="topk", topk=k)(batch)
-    s = batch.student_flat_logits[candidates.images, candidates.anchors, candidates.classes]
-    t = batch.teacher_flat_logits[candidates.images, candidates.anchors, candidates.classes]
+    s = batch.student.flat_cls_logits()[candidates.images, candidates.anchors, candidates.classes]
+    t = batch.teacher.flat_cls_logits()[candidates.images, candidates.anchors, candidates.classes]
     assert loss.item() == pytest.approx(
         rank_mimicking_loss(s, t, candidates.instances).item(), rel=1e-6
     )

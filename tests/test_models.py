@@ -128,6 +128,21 @@ def test_output_shapes_and_anchor_order(name):
 
 
 @pytest.mark.parametrize("name", DETECTORS)
+def test_flat_views_are_made_once_and_follow_new_levels(name):
+    """The detection loss flattened the outputs; a distillation term gets the same tensor."""
+    out = tiny(name)([torch.rand(3, SIZE, SIZE)], some_targets()[:1])
+    flats = (out.flat_cls_logits, out.flat_bbox_regression, out.flat_quality)
+    made = [f() for f in flats]
+    assert all(f() is m for f, m in zip(flats, made, strict=True))  # shared, not remade
+    assert made[0].grad_fn is not None  # the loss's own, with its graph
+    out.map_levels(lambda x: x.detach() * 2)
+    for f, m in zip(flats, made, strict=True):
+        if m is not None:
+            assert f() is not m
+            torch.testing.assert_close(f(), 2 * m.detach())
+
+
+@pytest.mark.parametrize("name", DETECTORS)
 def test_train_losses_finite_with_gradients_everywhere(name):
     model = tiny(name)
     out = model([torch.rand(3, SIZE, SIZE) for _ in range(2)], some_targets())

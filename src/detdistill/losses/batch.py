@@ -84,16 +84,6 @@ class DistillBatch:
         return [(x.shape[-2], x.shape[-1]) for x in self.student.cls_logits]
 
     @cached_property
-    def student_flat_logits(self) -> Tensor:
-        """``(N, R, K)`` student class logits in anchor order."""
-        return self.student.flat_cls_logits()
-
-    @cached_property
-    def teacher_flat_logits(self) -> Tensor:
-        """``(N, R, K)`` teacher class logits in anchor order."""
-        return self.teacher.flat_cls_logits()
-
-    @cached_property
     def candidates(self) -> Candidates:
         """Each object's positive anchors, as the student's own assigner chose them."""
         if self.student.matched_idxs is None:

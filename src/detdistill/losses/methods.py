@@ -32,7 +32,7 @@ from detdistill.losses.pfi import WeightNorm, pfi_loss
 from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
 from detdistill.models.atss import atss_candidates
-from detdistill.models.output import flatten_levels
+from detdistill.models.output import DetectorOutput, flatten_levels
 from detdistill.registry import Registry
 
 
@@ -128,29 +128,25 @@ class RankMimicking(DistillMethod):
             return batch.top_iou_candidates(self.topk)
         return batch.candidates
 
-    def _scores(
-        self,
-        flat_logits: Tensor,
-        quality: list[Tensor] | None,
-        candidates: Candidates,
-    ) -> Tensor:
+    def _scores(self, output: DetectorOutput, candidates: Candidates) -> Tensor:
         images, anchors, classes = candidates.images, candidates.anchors, candidates.classes
-        logits = flat_logits[images, anchors, classes]
+        logits = output.flat_cls_logits()[images, anchors, classes]
         if self.score == "logit":
             return logits
         if self.score == "prob":
             return logits.sigmoid()
+        quality = output.flat_quality()
         if quality is None:
             raise ValueError(
                 "rm score='quality' needs a detector head with a quality branch (FCOS, ATSS)"
             )
-        quality_logits = flatten_levels(quality, 1)[images, anchors, 0]
+        quality_logits = quality[images, anchors]
         return F.logsigmoid(logits) + F.logsigmoid(quality_logits)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         candidates = self._candidates(batch)
-        student = self._scores(batch.student_flat_logits, batch.student.quality, candidates)
-        teacher = self._scores(batch.teacher_flat_logits, batch.teacher.quality, candidates)
+        student = self._scores(batch.student, candidates)
+        teacher = self._scores(batch.teacher, candidates)
         return rank_mimicking_loss(student, teacher, candidates.instances, self.temperature)
 
 
@@ -240,8 +236,8 @@ class CrossHeadKD(DistillMethod):
             *teacher.run_towers(cls_feats, reg_feats, start)
         )
         # Compare in the student's precision (a half-precision teacher gives half outputs).
-        dtype = batch.student_flat_logits.dtype
-        teacher_logits = batch.teacher_flat_logits.to(dtype)
+        dtype = batch.student.flat_cls_logits().dtype
+        teacher_logits = batch.teacher.flat_cls_logits().to(dtype)
         num_positives = sum(int((m >= 0).sum()) for m in batch.student.matched_idxs)
         cross_logits = flatten_levels(cross_cls, batch.student.num_classes).to(dtype)
         loss = cross_head_class_loss(cross_logits, teacher_logits, num_positives, self.beta)
@@ -340,7 +336,7 @@ class LocalizationDistillation(DistillMethod):
         region = self._region(batch)
         student_codes = batch.student.flat_bbox_regression()
         teacher_codes = batch.teacher.flat_bbox_regression()
-        weights = batch.teacher_flat_logits.sigmoid().amax(-1)
+        weights = batch.teacher.flat_cls_logits().sigmoid().amax(-1)
         return localization_distillation_loss(
             student_codes[region],
             teacher_codes[region],
@@ -362,7 +358,7 @@ class SoftLabelKD(DistillMethod):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         return soft_label_kd_loss(
-            batch.student_flat_logits, batch.teacher_flat_logits, self.temperature
+            batch.student.flat_cls_logits(), batch.teacher.flat_cls_logits(), self.temperature
         )
 
 

@@ -100,6 +100,11 @@ class DetectorOutput:
     losses: dict[str, Tensor] = field(default_factory=dict)
     tower_features: tuple[list[Tensor], list[Tensor]] | None = None
     box_code_size: int = 4
+    # Each flat view, made once: the detection loss and the distillation terms
+    # that read it share one tensor (and one backward through the flattening).
+    _flat: dict[str, tuple[list[Tensor], Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def num_anchors_per_location(self) -> int:
@@ -123,15 +128,22 @@ class DetectorOutput:
             self.quality = [fn(x) for x in self.quality]
 
     def flat_cls_logits(self) -> Tensor:
-        """``(N, R, K)`` in the anchor order of :attr:`anchors`."""
-        return flatten_levels(self.cls_logits, self.num_classes)
+        """``(N, R, K)`` in the anchor order of :attr:`anchors` (made once, then shared)."""
+        return self._flat_view("cls_logits", lambda x: flatten_levels(x, self.num_classes))
 
     def flat_bbox_regression(self) -> Tensor:
-        """``(N, R, B)`` in the anchor order of :attr:`anchors`."""
-        return flatten_levels(self.bbox_regression, self.box_code_size)
+        """``(N, R, B)`` in the anchor order of :attr:`anchors` (made once, then shared)."""
+        return self._flat_view("bbox_regression", lambda x: flatten_levels(x, self.box_code_size))
 
     def flat_quality(self) -> Tensor | None:
-        """``(N, R)`` quality logits in anchor order, or ``None``."""
+        """``(N, R)`` quality logits in anchor order, or ``None`` (made once, then shared)."""
         if self.quality is None:
             return None
-        return flatten_levels(self.quality, 1).squeeze(-1)
+        return self._flat_view("quality", lambda x: flatten_levels(x, 1).squeeze(-1))
+
+    def _flat_view(self, name: str, flatten: Callable[[list[Tensor]], Tensor]) -> Tensor:
+        levels = getattr(self, name)
+        cached = self._flat.get(name)
+        if cached is None or cached[0] is not levels:  # map_levels made new levels
+            cached = self._flat[name] = (levels, flatten(levels))
+        return cached[1]
