@@ -19,19 +19,22 @@ machine state:
   ``forward_batch``; its first call, the compilation, is reported apart;
 - ``float16`` (CUDA only): half precision, NHWC.
 
-Each time is the best of ``--repeats``; ``ratio`` is the mode's time over
-``no_grad``'s (below 1 is faster) and ``teacher_share`` the teacher forward's
-part of a distillation step that runs the teacher in that mode.
+Each time is the median of ``--repeats``; ``ratio`` is the mode's time over
+``no_grad``'s (below 1 is faster), taken within each turn of the interleaved
+calls and its median reported (``_common.paired_ratios``), and
+``teacher_share`` the teacher forward's part of a distillation step that runs
+the teacher in that mode.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import torch
 
-from _common import best_times, emit, environment
+from _common import call_times, emit, environment, paired_ratios
 from step_overhead import NUM_CLASSES, PAIRS, build_pair, make_batch, pair_parser
 
 
@@ -93,9 +96,10 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int, comp
         optimizer.step()
 
     modes = teacher_modes(distiller, tensors, sizes, compile_)
-    best = best_times({"distill_step": distill_step} | {m: fn for m, (fn, _) in modes.items()},
-                      repeats)  # fmt: skip
-    step_s = best.pop("distill_step")
+    times = call_times({"distill_step": distill_step} | {m: fn for m, (fn, _) in modes.items()},
+                       repeats)  # fmt: skip
+    step_s = statistics.median(times["distill_step"])
+    median = {m: statistics.median(times[m]) for m in modes}
     # The step runs the default mode; with another mode it would take the difference longer.
     return {
         "pair": name,
@@ -103,9 +107,9 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int, comp
         "batch": spec["batch"],
         "methods": methods,
         "distill_step_s": step_s,
-        "teacher_forward_s": best,
-        "ratio": {m: t / best["no_grad"] for m, t in best.items()},
-        "teacher_share": {m: t / (step_s - best["default"] + t) for m, t in best.items()},
+        "teacher_forward_s": median,
+        "ratio": {m: paired_ratios(times, m, ("no_grad",))["median"] for m in modes},
+        "teacher_share": {m: t / (step_s - median["default"] + t) for m, t in median.items()},
         "compile_first_call_s": modes["compile"][1] if "compile" in modes else None,
     }
 
