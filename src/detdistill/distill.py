@@ -164,12 +164,12 @@ class Distiller(nn.Module):
             trained, so half precision only costs a little accuracy of targets.
         teacher_channels_last: keep the teacher's weights and its input in
             NHWC layout, which the CPU (oneDNN) and cuDNN convolutions run
-            faster (``benchmarks/teacher_speed.py``, CPU: 0.81x-0.90x the
+            faster (``benchmarks/teacher_speed.py``, CPU: 0.81x-0.97x the
             teacher forward time). Outputs equal the NCHW ones to float
             rounding.
         teacher_compile: run the teacher through ``torch.compile``. It pays for
-            long runs only: 0.73x the teacher forward time on the tiny
-            ``digits`` RetinaNet pair and 0.86x on ResNet-50 (CPU), after a
+            long runs only: 0.73x-0.75x the teacher forward time on the tiny
+            ``digits`` RetinaNet pair and 0.86x-0.89x on ResNet-50 (CPU), after a
             first call that compiles for 20-40 s on 2 cores (and again for
             every new input shape).
 
