@@ -122,7 +122,7 @@ class DistillBatch:
                 for boxes, anchors in zip(self.gt_boxes, self.student.anchors, strict=True)
             ]
         iou = torch.cat(ious)  # (objects, anchors): one batched tensor, one anchor count
-        values, index = iou.topk(min(k, iou.shape[1]), dim=1, sorted=False)  # a bag: no order
+        values, index = iou.topk(min(k, iou.shape[1]), dim=1)
         instances, rank = torch.nonzero(values > 0, as_tuple=True)
         chosen = index[instances, rank]
         image_of = torch.repeat_interleave(torch.arange(len(counts)), counts).to(chosen.device)
