@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the embedded end-to-end run: teacher, baseline student, RM+PFI student, and their table",
         description="Makes the `digits` data (cached), trains a teacher (reused when cached), a baseline "
         "student and an RM+PFI distilled student, and prints their COCO metrics with the gain. "
-        "About 11.5 minutes on 2 CPU cores the first time (6.2 for the data and the teacher, "
-        "which is then reused; 5.2 for the two students, side by side), 5.2 after that; "
+        "About 10-12 minutes on 2 CPU cores the first time (5-6 for the data and the teacher, "
+        "which is then reused; 5 for the two students, side by side), 5 after that; "
         "--quick is a smoke run of about a minute.",
     )
     p.add_argument(
