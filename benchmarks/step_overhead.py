@@ -169,11 +169,15 @@ def parse_methods(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
 
 
+def run_over_pairs(benchmark: str, description: str, measure_pair) -> None:
+    """Parse :func:`pair_parser`'s options, ``measure_pair`` each chosen pair, emit the JSON."""
+    args = pair_parser(description).parse_args()
+    results = [measure_pair(n, PAIRS[n], args.methods, args.repeats) for n in args.pairs]
+    emit({"benchmark": benchmark, **environment(), "results": results}, args.out)
+
+
 def main() -> None:
-    parser = pair_parser(__doc__)
-    args = parser.parse_args()
-    results = [measure(name, PAIRS[name], args.methods, args.repeats) for name in args.pairs]
-    emit({"benchmark": "step_overhead", **environment(), "results": results}, args.out)
+    run_over_pairs("step_overhead", __doc__, measure)
 
 
 if __name__ == "__main__":

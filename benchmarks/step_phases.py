@@ -21,9 +21,8 @@ from collections import defaultdict
 
 import torch
 
-from _common import emit, environment
 from detdistill.pair import run_pair
-from step_overhead import NUM_CLASSES, PAIRS, build_pair, make_batch, pair_parser
+from step_overhead import NUM_CLASSES, build_pair, make_batch, run_over_pairs
 
 
 def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> dict:
@@ -97,10 +96,7 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
 
 
 def main() -> None:
-    parser = pair_parser(__doc__)
-    args = parser.parse_args()
-    results = [measure(n, PAIRS[n], args.methods, args.repeats) for n in args.pairs]
-    emit({"benchmark": "step_phases", **environment(), "results": results}, args.out)
+    run_over_pairs("step_phases", __doc__, measure)
 
 
 if __name__ == "__main__":
