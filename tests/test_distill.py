@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detdistill.distill import Distiller, IncompatibleModelsError
+from detdistill.distill import Distiller, IncompatibleModelsError, PointwiseAdapter
 from detdistill.losses import list_methods
 from detdistill.models import build_detector, list_detectors
 
@@ -120,6 +120,34 @@ def test_weights_scale_the_terms():
 def test_same_channels_use_identity_adapters():
     distiller = Distiller(tiny(width=8), tiny(width=8), {"fitnet": 1.0})
     assert all(isinstance(a, torch.nn.Identity) for a in distiller.adapters)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_adapter_is_a_1x1_conv(channels_last):
+    """Same init, state_dict, outputs and gradients as nn.Conv2d(c_in, c_out, 1), any layout."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, kernel_size=1).double()
+    torch.manual_seed(0)
+    adapter = PointwiseAdapter(5, 7).double()
+    assert all(torch.equal(conv.state_dict()[k], v) for k, v in adapter.state_dict().items())
+    x = torch.randn(3, 5, 6, 9, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_conv, x_adapter = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_conv, out_adapter = conv(x_conv), adapter(x_adapter)
+    torch.testing.assert_close(out_adapter, out_conv)
+    upstream = torch.randn_like(out_conv)
+    grads_conv = torch.autograd.grad(out_conv, [x_conv, *conv.parameters()], upstream)
+    grads_adapter = torch.autograd.grad(out_adapter, [x_adapter, *adapter.parameters()], upstream)
+    for expected, got in zip(grads_conv, grads_adapter, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_different_channels_use_pointwise_adapters():
+    distiller = Distiller(tiny(width=4), tiny(width=8), {"fitnet": 1.0})
+    assert [type(a) for a in distiller.adapters] == [PointwiseAdapter] * 3
+    expected = (distiller.teacher.out_channels, distiller.student.out_channels)
+    assert tuple(distiller.adapters[0].weight.shape[:2]) == expected
 
 
 @pytest.mark.parametrize(

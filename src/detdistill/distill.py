@@ -77,12 +77,34 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
         )
 
 
+class PointwiseAdapter(nn.Conv2d):
+    """A 1x1 convolution computed as one batched matrix product per image.
+
+    Same parameters, initialisation and ``state_dict`` as ``nn.Conv2d(c_in,
+    c_out, 1)`` (checkpoints load either way) and the same values to float
+    rounding. Why: on CPU, oneDNN's 1x1 convolution backward cost twice the
+    ``baddbmm`` form's for the ``digits`` pair's adapters (32 -> 96 channels,
+    128 px, batch 16: 6.2 ms against 2.1 ms forward and backward at 2 threads;
+    at 1 thread and ResNet-sized maps the matmul is 5-15% faster), and the
+    adapters are most of what distillation adds to a small student's step.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        weight = self.weight.view(1, self.out_channels, self.in_channels)
+        out = torch.baddbmm(self.bias.view(1, -1, 1), weight.expand(n, -1, -1), x.flatten(2))
+        return out.view(n, self.out_channels, h, w)
+
+
 def build_adapters(student_channels: int, teacher_channels: int, num_levels: int) -> nn.ModuleList:
     """One 1x1 conv per level (student -> teacher channels), identity when they match."""
     if student_channels == teacher_channels:
         return nn.ModuleList(nn.Identity() for _ in range(num_levels))
     return nn.ModuleList(
-        nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for _ in range(num_levels)
+        PointwiseAdapter(student_channels, teacher_channels) for _ in range(num_levels)
     )
 
 
