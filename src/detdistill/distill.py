@@ -78,12 +78,12 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
 
 
 class PointwiseAdapter(nn.Conv2d):
-    """A 1x1 convolution computed as one batched matrix product per image.
+    """A 1x1 convolution computed as one batched matrix product (``baddbmm``) over the batch.
 
     Same parameters, initialisation and ``state_dict`` as ``nn.Conv2d(c_in,
     c_out, 1)`` (checkpoints load either way) and the same values to float
-    rounding. Why: on CPU, oneDNN's 1x1 convolution backward cost twice the
-    ``baddbmm`` form's for the ``digits`` pair's adapters (32 -> 96 channels,
+    rounding. Why: on CPU, oneDNN's 1x1 convolution forward and backward cost
+    three times the ``baddbmm`` form's for the ``digits`` pair's adapters (32 -> 96 channels,
     128 px, batch 16: 6.2 ms against 2.1 ms forward and backward at 2 threads;
     at 1 thread and ResNet-sized maps the matmul is 5-15% faster), and the
     adapters are most of what distillation adds to a small student's step.
