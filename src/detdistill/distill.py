@@ -7,7 +7,7 @@ and a term that is silently zero or missing cannot hide.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,17 +26,6 @@ from detdistill.auto_weights import (
 from detdistill.losses import IncompatibleModelsError, build_method
 from detdistill.models.output import DetectorOutput
 from detdistill.pair import TowerFeatures, run_pair
-
-
-def _transform_settings(model: nn.Module) -> dict[str, Any]:
-    transform = model.transform
-    return {
-        "image_mean": [float(x) for x in transform.image_mean],
-        "image_std": [float(x) for x in transform.image_std],
-        "min_size": tuple(transform.min_size),
-        "max_size": transform.max_size,
-        "size_divisible": transform.size_divisible,
-    }
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
@@ -67,10 +56,12 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
         s_value = getattr(getattr(student, "anchor_generator", None), attr, None)
         if t_value != s_value:
             problems.append(f"{label}: teacher {t_value!r} vs student {s_value!r}")
-    t_transform, s_transform = _transform_settings(teacher), _transform_settings(student)
-    for key, t_value in t_transform.items():
-        if t_value != s_transform[key]:
-            problems.append(f"input {key}: teacher {t_value!r} vs student {s_transform[key]!r}")
+    t_input, s_input = teacher.input_settings(), student.input_settings()
+    for key in sorted(set(t_input) | set(s_input)):
+        if t_input.get(key) != s_input.get(key):
+            problems.append(
+                f"input {key}: teacher {t_input.get(key)!r} vs student {s_input.get(key)!r}"
+            )
     if problems:
         raise IncompatibleModelsError(
             "teacher and student cannot be distilled together: " + "; ".join(problems)
@@ -99,13 +90,40 @@ class PointwiseAdapter(nn.Conv2d):
         return out.view(n, self.out_channels, h, w)
 
 
-def build_adapters(student_channels: int, teacher_channels: int, num_levels: int) -> nn.ModuleList:
-    """One 1x1 conv per level (student -> teacher channels), identity when they match."""
-    if student_channels == teacher_channels:
-        return nn.ModuleList(nn.Identity() for _ in range(num_levels))
+def build_adapters(
+    student_channels: Sequence[int], teacher_channels: Sequence[int]
+) -> nn.ModuleList:
+    """One 1x1 conv per level (student -> teacher channels of that level), identity where they match.
+
+    Channels are per level: a YOLO neck is 64/128/256 wide where an FPN is the
+    same width at every level.
+    """
+    if len(student_channels) != len(teacher_channels):
+        raise IncompatibleModelsError(
+            f"feature levels: teacher {len(teacher_channels)} vs student {len(student_channels)}"
+        )
     return nn.ModuleList(
-        PointwiseAdapter(student_channels, teacher_channels) for _ in range(num_levels)
+        nn.Identity() if s == t else PointwiseAdapter(s, t)
+        for s, t in zip(student_channels, teacher_channels, strict=True)
     )
+
+
+def build_tower_adapters(student: nn.Module, teacher: nn.Module, convs: int) -> nn.ModuleList:
+    """Adapters of the head tower features after ``convs`` convs: ``[cls, reg]``, each per level.
+
+    A tower shared over levels (torchvision's heads) gets one adapter shared
+    over levels, as the tower itself is; per-level towers (YOLO) get one each.
+    """
+    shared = student.towers_shared and teacher.towers_shared
+    adapters = []
+    for s_widths, t_widths in zip(
+        student.tower_channels(convs), teacher.tower_channels(convs), strict=True
+    ):
+        branch = build_adapters(s_widths[:1], t_widths[:1]) if shared else build_adapters(
+            s_widths, t_widths
+        )  # fmt: skip
+        adapters.append(branch)
+    return nn.ModuleList(adapters)
 
 
 class StudentWithAdapters(nn.Module):
@@ -141,13 +159,11 @@ class StudentWithAdapters(nn.Module):
         adapted = [adapter(f) for adapter, f in zip(self.adapters, output.features, strict=True)]
         if self.tower_adapters is None or output.tower_features is None:
             return output, adapted, None
-        cls_adapter, reg_adapter = self.tower_adapters
-        cls_feats, reg_feats = output.tower_features
-        return (
-            output,
-            adapted,
-            ([cls_adapter(f) for f in cls_feats], [reg_adapter(f) for f in reg_feats]),
+        tower = tuple(
+            [adapters[min(i, len(adapters) - 1)](f) for i, f in enumerate(feats)]
+            for adapters, feats in zip(self.tower_adapters, output.tower_features, strict=True)
         )
+        return output, adapted, tower
 
 
 def _tower_cut(
@@ -229,11 +245,9 @@ class Distiller(nn.Module):
         keep_tower = _tower_cut(self.methods, student, teacher)
         self.branch = StudentWithAdapters(
             student,
-            build_adapters(student.out_channels, teacher.out_channels, len(student.strides)),
+            build_adapters(student.feature_channels, teacher.feature_channels),
             keep_tower,
-            None
-            if keep_tower is None
-            else build_adapters(student.out_channels, teacher.out_channels, 2),
+            None if keep_tower is None else build_tower_adapters(student, teacher, keep_tower),
         )
         self.teacher = teacher
         for param in self.teacher.parameters():

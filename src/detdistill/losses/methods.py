@@ -309,7 +309,7 @@ class LocalizationDistillation(DistillMethod):
         }
         if None in bins.values():
             raise IncompatibleModelsError(
-                "ld distils box-edge distributions: it needs detectors that regress them (gfl), "
+                "ld distils box-edge distributions: it needs detectors that regress them (gfl; yolo v8 and 11, not YOLO26), "
                 f"got student {student.head_type!r} and teacher {teacher.head_type!r}"
             )
         if bins["student"] != bins["teacher"]:

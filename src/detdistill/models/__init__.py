@@ -12,6 +12,7 @@ from .gfl import GFL
 from .output import DetectorOutput
 from .registry import build_detector, list_detectors, register_detector
 from .retinanet import RetinaNet
+from .yolo import YOLODetector
 
 __all__ = [
     "ATSS",
@@ -26,4 +27,5 @@ __all__ = [
     "list_backbones",
     "list_detectors",
     "register_detector",
+    "YOLODetector",
 ]

@@ -201,6 +201,30 @@ class OneStageDetector(nn.Module):
         return [anchors] * num_images
 
     @property
+    def feature_channels(self) -> tuple[int, ...]:
+        """Width of each level's neck feature (one FPN width for every level)."""
+        return (self.out_channels,) * len(self.strides)
+
+    #: The head towers are shared over levels (torchvision's heads); tower
+    #: adapters follow the towers (one per branch, or one per branch and level).
+    towers_shared = True
+
+    def tower_channels(self, convs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(cls, reg)`` widths per level after the first ``convs`` tower convs."""
+        return self.feature_channels, self.feature_channels
+
+    def input_settings(self) -> dict[str, Any]:
+        """The preprocessing teacher and student must share to see the same pixels."""
+        transform = self.transform
+        return {
+            "image_mean": [float(x) for x in transform.image_mean],
+            "image_std": [float(x) for x in transform.image_std],
+            "min_size": tuple(transform.min_size),
+            "max_size": transform.max_size,
+            "size_divisible": transform.size_divisible,
+        }
+
+    @property
     def tower_depth(self) -> int:
         """Convs in each head tower (both towers have the same depth)."""
         return sum(isinstance(m, nn.Conv2d) for m in self.head_towers()[0].modules())
