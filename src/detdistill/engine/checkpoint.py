@@ -53,6 +53,7 @@ from detdistill.errors import DetDistillError
 
 __all__ = [
     "STATE_FILE",
+    "ULTRALYTICS_FILE",
     "WEIGHTS_FILE",
     "CheckpointError",
     "StateDictMismatchError",
@@ -67,6 +68,7 @@ __all__ = [
 
 WEIGHTS_FILE = "model.pt"
 STATE_FILE = "last_state.pt"
+ULTRALYTICS_FILE = "ultralytics.pt"  # a YOLO student, for `ultralytics.YOLO(path)`
 
 
 class CheckpointError(DetDistillError, RuntimeError):

@@ -36,6 +36,7 @@ from detdistill.engine.builders import (
 )
 from detdistill.engine.checkpoint import (
     STATE_FILE,
+    ULTRALYTICS_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     capture_rng_state,
@@ -223,6 +224,10 @@ class Trainer:
             state["balance"] = self.balance
         save_checkpoint(self.run_dir / STATE_FILE, state)
         save_checkpoint(self.run_dir / WEIGHTS_FILE, weights)
+        model = self.eval_model()
+        if hasattr(model, "ultralytics_checkpoint"):  # the student in its users' own format too
+            payload = model.ultralytics_checkpoint(self.data.class_names)
+            save_checkpoint(self.run_dir / ULTRALYTICS_FILE, payload)
 
     def resume(self) -> None:
         """Continue from ``last_state.pt`` of the run directory."""
@@ -418,6 +423,8 @@ class Trainer:
         """One epoch from ``batch_in_epoch``; True when ``max_steps`` was reached."""
         cfg = self.cfg
         self.model.train()
+        if hasattr(self.model, "set_epoch"):  # a loss that changes by epoch (YOLO26)
+            self.model.set_epoch(self.epoch, cfg.train.epochs)
         if self.distiller is not None:
             self.distiller.train()
         loader = self._loader()

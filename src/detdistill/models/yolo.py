@@ -381,8 +381,15 @@ class YOLODetector(nn.Module):
             self._criterion = self.model.init_criterion()
         return self._criterion
 
-    def set_epoch(self, epoch: int) -> None:
-        """YOLO26's loss moves its one-to-many/one-to-one mix by epoch (Ultralytics' ``update``)."""
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Before epoch ``epoch`` (0-based) of ``epochs``: YOLO26's loss moves its mix by epoch.
+
+        Ultralytics' ``E2ELoss`` weighs the one-to-many branch ``0.8`` at the
+        start, decaying linearly to ``0.1`` at the last epoch; its trainer
+        steps it after each epoch. Calling this at every epoch start (and on
+        resume) gives the same weights; other heads ignore it.
+        """
+        self.model.args.epochs = epochs
         criterion = self.criterion
         if hasattr(criterion, "update"):
             criterion.updates = epoch - 1
@@ -541,23 +548,20 @@ class YOLODetector(nn.Module):
             )
         return reinit
 
-    def save_ultralytics(self, path: str | os.PathLike, class_names: list[str]) -> Path:
-        """Write an Ultralytics checkpoint that ``ultralytics.YOLO(path)`` loads with no detdistill import."""
-        path = Path(path)
+    def ultralytics_checkpoint(self, class_names: list[str]) -> dict[str, Any]:
+        """This model as an Ultralytics checkpoint: ``ultralytics.YOLO(path)`` loads the saved dict
+        (predict, val, export) with no detdistill import."""
+        from ultralytics import __version__
+
         model = copy.deepcopy(self.model).float().eval()
         model.names = dict(enumerate(class_names))
         model.nc = len(class_names)
         for p in model.parameters():
             p.requires_grad_(False)
-        args = dict(vars(model.args)) if hasattr(model.args, "__dict__") else dict(model.args)
-        args.update(imgsz=self.transform.size, task="detect")
+        args = {**vars(self.model.args), "imgsz": self.transform.size, "task": "detect"}
         model.args = args
-        from ultralytics import __version__
-
-        torch.save(
-            {"model": model, "ema": None, "updates": None, "optimizer": None, "epoch": -1,
-             "train_args": args, "version": __version__,
-             "date": None, "license": "AGPL-3.0 (https://ultralytics.com/license)"},
-            path,
-        )  # fmt: skip
-        return path
+        return {
+            "model": model, "ema": None, "updates": None, "optimizer": None, "epoch": -1,
+            "train_args": args, "version": __version__,
+            "license": "AGPL-3.0 (https://ultralytics.com/license)",
+        }  # fmt: skip
