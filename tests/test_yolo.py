@@ -9,13 +9,11 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("ultralytics")
-
-from detdistill.distill import Distiller  # noqa: E402
-from detdistill.engine.checkpoint import save_checkpoint  # noqa: E402
-from detdistill.losses import IncompatibleModelsError, list_methods  # noqa: E402
-from detdistill.models import build_detector  # noqa: E402
-from detdistill.models.yolo import LetterboxTransform, MissingExtraError, import_ultralytics  # noqa: E402
+from detdistill.distill import Distiller
+from detdistill.engine.checkpoint import save_checkpoint
+from detdistill.losses import IncompatibleModelsError, list_methods
+from detdistill.models import build_detector
+from detdistill.models.yolo import LetterboxTransform, MissingExtraError, import_ultralytics
 
 TINY = {"depth": 0.25, "width": 0.0625}  # the ~0.3 M student scale
 YAMLS = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]
