@@ -6,6 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from detdistill.models import list_detectors
+from detdistill.models.registry import DETECTORS
+
+#: The detectors built from torchvision's parts (a backbone name, FPN levels, ...);
+#: the ``yolo`` family brings its own backbone from a YAML and is swept in test_yolo.py.
+FPN_DETECTORS = [
+    name
+    for name in list_detectors()
+    if not getattr(DETECTORS.get(name), "builds_own_backbone", False)
+]
+
 TINY_SIZE = 64
 TINY_TRAIN, TINY_VAL = 16, 8
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from conftest import FPN_DETECTORS
 from detdistill.distill import Distiller
-from detdistill.models import build_detector, list_detectors
+from detdistill.models import build_detector
 from detdistill.pair import run_pair
 
 LEVELS = (3, 4, 5, 6, 7)
@@ -27,7 +28,7 @@ def targets_for(height: int, width: int) -> list[dict]:
              "labels": torch.tensor([1])}]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list_detectors())
+@pytest.mark.parametrize("name", FPN_DETECTORS)
 @pytest.mark.parametrize(("height", "width"), [(320, 320), (333, 500)])
 def test_levels_round_up_and_anchors_stay_on_the_stride_grid(name, height, width):
     model = five_level(name, 4, size=min(height, width)).train()
