@@ -147,18 +147,34 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_make(args: argparse.Namespace) -> int:
-    from detdistill.data import make_embedded
+    import tempfile
 
-    paths = make_embedded(
-        args.name,
-        Path(args.out),
-        args.num_train,
-        args.num_val,
-        seed=args.seed,
-        image_size=args.image_size,
-    )
-    for key, value in paths.items():
-        print(f"{key}: {value}")
+    from detdistill.data import make_embedded, write_yolo
+
+    settings = {"seed": args.seed, "image_size": args.image_size}
+    if args.format == "coco":
+        paths = make_embedded(args.name, Path(args.out), args.num_train, args.num_val, **settings)
+        for key, value in paths.items():
+            print(f"{key}: {value}")
+        return 0
+    out = Path(args.out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # COCO first, beside the output so that the images can be hard-linked, then converted
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.coco-", dir=out.parent) as tmp:
+        coco = make_embedded(args.name, Path(tmp), args.num_train, args.num_val, **settings)
+        data_yaml = write_yolo(
+            {
+                split: (coco[f"{split}_images"], coco[f"{split}_annotations"])
+                for split in ("train", "val")
+            },
+            out,
+            images="hardlink",
+        )
+    print(f"root: {out}")
+    print(f"data_yaml: {data_yaml}")
+    for split in ("train", "val"):
+        print(f"{split}_images: {out / 'images' / split}")
+        print(f"{split}_labels: {out / 'labels' / split}")
     return 0
 
 
@@ -269,16 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a model.pt written by train/distill")
     p.add_argument(
         "--data",
-        help="COCO annotation JSON, or a VOC root with --format voc (default: the checkpoint's own validation data)",
+        help="COCO annotation JSON, a VOC root with --format voc, or a data.yaml with --format yolo "
+        "(default: the checkpoint's own validation data)",
     )
     p.add_argument(
         "--images",
         help="COCO images folder (default: beside the annotation file, or its 'images' sub-folder)",
     )
     p.add_argument(
-        "--format", choices=["coco", "voc"], default="coco", help="layout of --data (default: coco)"
+        "--format",
+        choices=["coco", "voc", "yolo"],
+        default="coco",
+        help="layout of --data (default: coco)",
     )
-    p.add_argument("--split", default="val", help="VOC split (default: val)")
+    p.add_argument("--split", default="val", help="VOC split, or data.yaml key (default: val)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
     p.add_argument("--out", help="JSON output (default: metrics_<data>.json beside the checkpoint)")
     p.add_argument("--per-class", action="store_true", help="also print per-class AP")
@@ -312,11 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(
         dest="data_command", required=True, metavar="ACTION", help="make: write a data set"
     )
-    make = data_sub.add_parser("make", help="write an embedded data set in COCO format")
+    make = data_sub.add_parser(
+        "make", help="write an embedded data set in COCO (default) or YOLO format"
+    )
     make.add_argument(
         "name", choices=["digits", "digits_large", "shapes"], help="which embedded set"
     )
     make.add_argument("--out", required=True, help="output folder")
+    make.add_argument(
+        "--format",
+        choices=["coco", "yolo"],
+        default="coco",
+        help="coco: train.json/val.json beside the image folders; yolo: data.yaml, images/, "
+        "labels/ (default: coco)",
+    )
     make.add_argument("--num-train", type=int, default=3000, help="training images (default: 3000)")
     make.add_argument("--num-val", type=int, default=500, help="validation images (default: 500)")
     make.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
@@ -335,13 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("teacher", help="teacher model.pt")
     p.add_argument("student", help="student model.pt")
     p.add_argument(
-        "--data", help="COCO annotation JSON or VOC root (default: the student's validation data)"
+        "--data",
+        help="COCO annotation JSON, VOC root or YOLO data.yaml (default: the student's validation "
+        "data)",
     )
     p.add_argument("--images", help="COCO images folder")
     p.add_argument(
-        "--format", choices=["coco", "voc"], default="coco", help="layout of --data (default: coco)"
+        "--format",
+        choices=["coco", "voc", "yolo"],
+        default="coco",
+        help="layout of --data (default: coco)",
     )
-    p.add_argument("--split", default="val", help="VOC split (default: val)")
+    p.add_argument("--split", default="val", help="VOC split, or data.yaml key (default: val)")
     p.add_argument("--out", default="analysis", help="output folder (default: analysis)")
     p.add_argument("--max-images", type=int, default=200, help="images to analyse (default: 200)")
     p.add_argument("--num-images", type=int, default=4, help="images to draw (default: 4)")

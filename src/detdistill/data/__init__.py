@@ -1,4 +1,4 @@
-"""Detection data: COCO and VOC loaders, transforms, batching and the embedded data sets.
+"""Detection data: COCO, VOC and YOLO loaders, transforms, batching and the embedded data sets.
 
 Samples follow one convention (see :class:`DetectionDataset`): a float32 RGB
 image in [0, 1] and a target with ``boxes`` (xyxy, pixels of the returned
@@ -19,6 +19,7 @@ from detdistill.data.loader import batch_to_device, collate_fn
 from detdistill.data.problems import PROBLEM_KINDS, DataProblems
 from detdistill.data.transforms import build_transforms
 from detdistill.data.voc import VOCDetection, parse_voc_xml
+from detdistill.data.yolo import YoloDetection, load_data_yaml, write_yolo
 
 __all__ = [
     "EMBEDDED_DATASETS",
@@ -33,12 +34,15 @@ __all__ = [
     "ImageReadError",
     "ImageRecord",
     "VOCDetection",
+    "YoloDetection",
     "batch_to_device",
     "build_transforms",
     "check_class_names",
     "collate_fn",
     "embedded_dir",
+    "load_data_yaml",
     "make_embedded",
     "parse_voc_xml",
     "resolve_class_names",
+    "write_yolo",
 ]

@@ -26,6 +26,9 @@ PROBLEM_KINDS: dict[str, str] = {
     "unknown_image_id": "annotation refers to an image id that is not in 'images'; dropped",
     "unknown_category_id": "annotation refers to a category id not in 'categories'; dropped",
     "dropped_by_transform": "box smaller than 1 px after resizing; dropped by SanitizeBoundingBoxes",
+    "label_malformed": "YOLO label line without 5 numeric fields (class cx cy w h); line dropped",
+    "label_class_out_of_range": "YOLO class id not an integer in [0, number of names); line dropped",
+    "label_unreadable": "YOLO label file is not UTF-8 text; image dropped at construction",
 }
 
 _MAX_EXAMPLES = 5
@@ -37,7 +40,8 @@ class DataProblems:
 
     ``counts`` holds problems (see :data:`PROBLEM_KINDS`); ``info`` holds
     non-problems worth printing (``images``, ``annotations``,
-    ``negative_images``, ``crowd_ignored``, ``difficult_ignored``).
+    ``negative_images``, ``crowd_ignored``, ``difficult_ignored``,
+    ``background_images``).
     Load-time problems (``unreadable_image``, ``dropped_by_transform``) are
     counted in the process that loads the sample: with ``num_workers > 0`` they
     are logged by the worker but do not reach the main process's copy.

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from detdistill.data import (
     CocoDetection,
     VOCDetection,
+    YoloDetection,
     build_transforms,
     collate_fn,
     embedded_dir,
@@ -28,8 +29,11 @@ from detdistill.engine.checkpoint import load_checkpoint, load_state_dict_strict
 from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, config_section
 from detdistill.engine.distributed import get_rank, get_world_size
 from detdistill.engine.sampling import ResumableBatchSampler
+from detdistill.errors import DetDistillError
 from detdistill.models import build_detector
 from detdistill.models.backbones import BackboneArgumentError
+from detdistill.models.detector_weights import DetectorWeightsError, load_detector_weights
+from detdistill.models.registry import DETECTORS
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 log = logging.getLogger(__name__)
@@ -39,15 +43,22 @@ def build_model(model_cfg: ModelConfig, image_size: int, pretrained: bool = True
     """The detector a ``model`` config section describes, for square-ish inputs of ``image_size``.
 
     ``pretrained=False`` builds the same architecture without loading backbone
-    weights (no download), for when a checkpoint's weights follow; the
-    normalisation layers stay those of the pretrained build (frozen BN).
+    or whole-detector weights (no download), for when a checkpoint's weights
+    follow; the normalisation layers stay those of the pretrained build (frozen
+    BN). With ``model.weights`` set (and ``pretrained``) the whole detector is
+    loaded from torchvision detection weights after it is built
+    (:func:`~detdistill.models.detector_weights.load_detector_weights`), and
+    ``model.weights_backbone`` is not loaded: every backbone weight is replaced.
     """
+    whole = model_cfg.weights is not None
+    if getattr(DETECTORS.get(model_cfg.name), "builds_own_backbone", False):
+        return _build_own_backbone_model(model_cfg, image_size, pretrained)
     kwargs: dict[str, Any] = {
         "backbone": model_cfg.backbone,
         "num_classes": model_cfg.num_classes,
         "levels": tuple(model_cfg.levels),
         "backbone_kwargs": dict(model_cfg.backbone_kwargs),
-        "weights_backbone": model_cfg.weights_backbone if pretrained else None,
+        "weights_backbone": model_cfg.weights_backbone if pretrained and not whole else None,
         "min_size": image_size,
         "max_size": image_size,
     }
@@ -55,14 +66,44 @@ def build_model(model_cfg: ModelConfig, image_size: int, pretrained: bool = True
     if overlap:
         raise ConfigError(f"model.kwargs repeats {', '.join(overlap)}: set them on model.* instead")
     kwargs.update(model_cfg.kwargs)
-    if not pretrained and model_cfg.weights_backbone is not None:
+    if whole or (not pretrained and model_cfg.weights_backbone is not None):
         kwargs.setdefault("norm_layer", "frozen_bn")
     try:
-        return build_detector(model_cfg.name, **kwargs)
+        model = build_detector(model_cfg.name, **kwargs)
     except BackboneArgumentError as exc:
         raise ConfigError(f"model.backbone_kwargs: {exc}") from exc
     except TypeError as exc:
         raise ConfigError(f"model.kwargs: {exc}") from exc
+    if whole and pretrained:
+        try:
+            report = load_detector_weights(model, model_cfg.weights)
+        except DetectorWeightsError as exc:
+            raise ConfigError(f"model.weights: {exc}", "model.weights") from exc
+        log.info("model.weights: %d tensors loaded from %s", report.loaded, report.source)
+    return model
+
+
+def _build_own_backbone_model(
+    model_cfg: ModelConfig, image_size: int, pretrained: bool
+) -> nn.Module:
+    """A family whose model file defines its backbone (``yolo``: an Ultralytics YAML).
+
+    ``model.backbone``, ``levels`` and ``weights_backbone`` do not apply;
+    ``model.weights`` is the family's own checkpoint (an Ultralytics ``best.pt``).
+    """
+    kwargs = {"num_classes": model_cfg.num_classes, "image_size": image_size, **model_cfg.kwargs}
+    try:
+        model = build_detector(model_cfg.name, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs: {exc}", "model.kwargs") from exc
+    except DetDistillError as exc:
+        raise ConfigError(f"model.kwargs: {exc}", "model.kwargs") from exc
+    if model_cfg.weights is not None and pretrained:
+        try:
+            model.load_ultralytics_weights(model_cfg.weights)
+        except DetDistillError as exc:
+            raise ConfigError(f"model.weights: {exc}", "model.weights") from exc
+    return model
 
 
 @dataclass
@@ -112,6 +153,17 @@ def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
                 data_cfg.train_annotations,
                 train_tf,
                 class_names=val_set.class_names,
+            )
+            if train
+            else val_set
+        )
+    elif data_cfg.format == "yolo":
+        if data_cfg.yaml is None:
+            raise ConfigError("data.format=yolo needs data.yaml")
+        val_set = YoloDetection(data_cfg.yaml, data_cfg.val_split, val_tf)
+        train_set = (
+            YoloDetection(
+                data_cfg.yaml, data_cfg.train_split, train_tf, class_names=val_set.class_names
             )
             if train
             else val_set

@@ -77,7 +77,7 @@ class TileConfig:
 class DataConfig:
     """Where the images come from and how they are batched (per process)."""
 
-    format: Literal["embedded", "coco", "voc"] = "embedded"
+    format: Literal["embedded", "coco", "voc", "yolo"] = "embedded"
     name: str = "digits"
     root: str = ".cache/detdistill/data"
     # Which embedded data set: its own seed, not the run's, so that runs with
@@ -87,6 +87,8 @@ class DataConfig:
     train_annotations: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    # format: yolo: the data.yaml; train_split/val_split name its keys
+    yaml: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     num_train: int = field(default=3000, metadata=_POSITIVE)
@@ -108,12 +110,27 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Which detector to build; ``kwargs`` go to the detector builder."""
+    """Which detector to build; ``kwargs`` go to the detector builder.
+
+    ``weights_backbone`` loads the backbone body only (ImageNet weights: a
+    torchvision weights name or a local file). ``weights`` loads the whole
+    detector from a torchvision detection model
+    (:func:`detdistill.models.detector_weights.load_detector_weights`): a name
+    such as ``RetinaNet_ResNet50_FPN_Weights.COCO_V1`` or
+    ``FCOS_ResNet50_FPN_Weights.COCO_V1`` (downloaded by torchvision), or a local
+    file holding that model's ``state_dict()``. It fits ``retinanet``
+    (torchvision's v1, ``head_norm`` unset) and ``fcos`` with ``backbone:
+    resnet50`` and ``levels: [3, 4, 5, 6, 7]``; with another ``num_classes`` the
+    class predictor is re-initialised. It replaces ``weights_backbone`` (which is
+    then not loaded) and, like it, makes ``norm_layer`` default to ``frozen_bn``.
+    A model rebuilt from a checkpoint does not read it (the checkpoint holds the weights).
+    """
 
     name: str = "retinanet"
     backbone: str = "tiny"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     weights_backbone: str | None = None
+    weights: str | None = None
     num_classes: int = field(default=10, metadata=_POSITIVE)
     levels: list[int] = field(default_factory=lambda: [3, 4, 5], metadata=_NON_EMPTY)
     kwargs: dict[str, Any] = field(default_factory=dict)

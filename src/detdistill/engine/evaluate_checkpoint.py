@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from detdistill.data import CocoDetection, VOCDetection, build_transforms
+from detdistill.data import CocoDetection, VOCDetection, YoloDetection, build_transforms
 from detdistill.engine.builders import (
     LoadedModel,
     build_datasets,
@@ -51,7 +51,8 @@ def evaluation_data(
 
     Without ``data``: the validation set of the model's own saved config. With
     it: a COCO annotation file (images from ``images``, else an ``images/``
-    folder beside it, else its folder) or a VOC directory and ``split``. The
+    folder beside it, else its folder), a VOC directory and ``split``, or a
+    YOLO ``data.yaml`` and ``split`` (its key). The
     data set's classes must be the model's, or the error names them.
     ``native_size`` keeps the images at their own resolution (sliced evaluation)
     instead of resizing them to the model's training size.
@@ -68,8 +69,13 @@ def evaluation_data(
     if data_format == "voc":
         dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)
         return EvalData(dataset, f"VOC `{data}` split `{split}`", f"{Path(data).name}_{split}")
+    if data_format == "yolo":
+        if images is not None:
+            raise ConfigError("--images is for COCO data: a data.yaml names its own image folders")
+        dataset = YoloDetection(data, split, transforms, class_names=loaded.class_names)
+        return EvalData(dataset, f"YOLO `{data}` split `{split}`", f"{Path(data).stem}_{split}")
     if data_format != "coco":
-        raise ConfigError(f"data_format must be 'coco' or 'voc', got {data_format!r}")
+        raise ConfigError(f"data_format must be 'coco', 'voc' or 'yolo', got {data_format!r}")
     annotation_file = Path(data)
     dataset = CocoDetection(
         _images_dir(annotation_file, images), annotation_file, transforms,

@@ -22,10 +22,10 @@ __all__ = [
     "DetectorOutput",
     "OneStageDetector",
     "RetinaNet",
+    "YOLODetector",
     "build_backbone",
     "build_detector",
     "list_backbones",
     "list_detectors",
     "register_detector",
-    "YOLODetector",
 ]
