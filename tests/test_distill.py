@@ -169,7 +169,8 @@ def test_incompatible_pairs_fail_at_build_time(teacher_kwargs, message):
 
 def test_ld_on_a_head_without_edge_distributions_names_what_it_needs():
     with pytest.raises(
-        IncompatibleModelsError, match=r"ld .*needs detectors that regress them \(gfl; yolo v8 and 11"
+        IncompatibleModelsError,
+        match=r"ld .*needs detectors that regress them \(gfl; yolo v8 and 11",
     ):
         Distiller(tiny("retinanet", 8), tiny("retinanet", 16), {"ld": 1.0})
 
