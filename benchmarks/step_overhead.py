@@ -57,6 +57,14 @@ PAIRS = {
         "student": {"backbone": "resnet18"},
         "levels": (3, 4, 5, 6, 7),
     },
+    # The digits_yolo presets: YOLO11n (2.6 M) -> YOLO11 at depth 0.25 / width 0.0625 (0.33 M).
+    "yolo11n_128": {
+        "detector": "yolo",
+        "size": 128,
+        "batch": 16,
+        "teacher": {"cfg": "yolo11n.yaml"},
+        "student": {"cfg": "yolo11n.yaml", "depth": 0.25, "width": 0.0625},
+    },
 }
 
 
@@ -80,16 +88,21 @@ NUM_CLASSES = 10
 
 
 def build_pair(spec: dict, methods: dict[str, float]) -> Distiller:
-    """The pair's RetinaNet teacher and student in a Distiller, in training mode."""
-    common = {
-        "num_classes": NUM_CLASSES,
-        "levels": spec["levels"],
-        "min_size": spec["size"],
-        "max_size": spec["size"],
-    }
+    """The pair's teacher and student (RetinaNet unless the spec names a detector) in a
+    Distiller, in training mode."""
+    detector = spec.get("detector", "retinanet")
+    if detector == "yolo":  # its YAML sets the levels; the letterbox side is the size
+        common = {"num_classes": NUM_CLASSES, "image_size": spec["size"]}
+    else:
+        common = {
+            "num_classes": NUM_CLASSES,
+            "levels": spec["levels"],
+            "min_size": spec["size"],
+            "max_size": spec["size"],
+        }
     torch.manual_seed(0)
-    teacher = build_detector("retinanet", **common, **spec["teacher"])
-    student = build_detector("retinanet", **common, **spec["student"])
+    teacher = build_detector(detector, **common, **spec["teacher"])
+    student = build_detector(detector, **common, **spec["student"])
     return Distiller(student, teacher, methods).train()
 
 
