@@ -25,7 +25,7 @@ from detdistill.data import (
     make_embedded,
 )
 from detdistill.data.tiles import TiledDataset, TileSettings
-from detdistill.engine.checkpoint import load_checkpoint, load_state_dict_strict
+from detdistill.engine.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, config_section
 from detdistill.engine.distributed import get_rank, get_world_size
 from detdistill.engine.sampling import ResumableBatchSampler
@@ -34,6 +34,7 @@ from detdistill.models import build_detector
 from detdistill.models.backbones import BackboneArgumentError
 from detdistill.models.detector_weights import DetectorWeightsError, load_detector_weights
 from detdistill.models.registry import DETECTORS
+from detdistill.models.yolo import YOLODetector
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,20 @@ def load_detector(
     model_cfg: ModelConfig | None = None,
     map_location: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """A detector rebuilt from a ``model.pt`` (its own saved config unless one is given), loaded strictly."""
-    payload = load_checkpoint(checkpoint, map_location=map_location)
+    """A detector rebuilt from a ``model.pt`` (its own saved config unless one is given), loaded strictly.
+
+    An Ultralytics checkpoint (a ``best.pt``) is read too, as a ``yolo`` model
+    with the architecture, classes and image size it records: a YOLO user's
+    teacher needs no conversion.
+    """
+    try:
+        payload = load_checkpoint(checkpoint, map_location=map_location)
+    except CheckpointError:
+        foreign = YOLODetector.from_ultralytics_checkpoint(checkpoint)
+        if foreign is None:
+            raise
+        model, class_names, image_size = foreign
+        return LoadedModel(model, class_names, {}, DataConfig(image_size=image_size))
     data = config_section(payload["config"], "data")
     model_cfg = model_cfg or config_section(payload["config"], "model")
     model = build_model(model_cfg, data.model_input_size, pretrained=False)

@@ -177,6 +177,14 @@ def _model_yaml(cfg: str | dict, scale: str | None, depth: float | None, width: 
     return spec
 
 
+def _checkpoint_model(payload: Any) -> nn.Module | None:
+    """The model an Ultralytics checkpoint holds (its EMA when it kept one)."""
+    if not isinstance(payload, dict):
+        return None
+    model = payload.get("ema") or payload.get("model")
+    return model if isinstance(model, nn.Module) else None
+
+
 @register_detector("yolo")
 class YOLODetector(nn.Module):
     """An Ultralytics YOLO detection model with detdistill's detector interface.
@@ -505,6 +513,28 @@ class YOLODetector(nn.Module):
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
     # --------------------------------------------------- Ultralytics files
+    @classmethod
+    def from_ultralytics_checkpoint(
+        cls, path: str | os.PathLike
+    ) -> tuple[YOLODetector, list[str], int] | None:
+        """``(model, class names, image size)`` of an Ultralytics ``best.pt``; ``None`` if the
+        file is not one (or Ultralytics is not installed to read it)."""
+        try:
+            import_ultralytics()
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # not a pickle Ultralytics can read: not its checkpoint
+            return None
+        source = _checkpoint_model(payload)
+        if source is None or not hasattr(source, "yaml"):
+            return None
+        names = getattr(source, "names", None) or {}
+        class_names = [str(names[i]) for i in sorted(names)]
+        args = payload.get("train_args") or {}
+        image_size = int(args.get("imgsz", 640)) if isinstance(args, dict) else 640
+        model = cls(len(class_names), source.yaml, image_size=image_size)
+        model.load_ultralytics_weights(path)
+        return model, class_names, image_size
+
     def load_ultralytics_weights(self, path: str | os.PathLike) -> list[str]:
         """Load an Ultralytics checkpoint (``best.pt``) strictly; returns re-initialised keys.
 
@@ -515,7 +545,7 @@ class YOLODetector(nn.Module):
         if not path.is_file():
             raise DetDistillError(f"Ultralytics checkpoint not found: {path}")
         payload = torch.load(path, map_location="cpu", weights_only=False)
-        source = payload.get("ema") or payload.get("model") if isinstance(payload, dict) else None
+        source = _checkpoint_model(payload)
         if source is None:
             raise DetDistillError(f"{path}: not an Ultralytics checkpoint (no 'model' entry)")
         state = source.float().state_dict()
