@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -9,8 +10,10 @@ import sys
 import pytest
 import torch
 
+from conftest import train_tiny
 from detdistill.distill import Distiller
 from detdistill.engine.checkpoint import save_checkpoint
+from detdistill.engine.config import ConfigError
 from detdistill.losses import IncompatibleModelsError, list_methods
 from detdistill.models import build_detector
 from detdistill.models.yolo import LetterboxTransform, MissingExtraError, import_ultralytics
@@ -185,3 +188,55 @@ print("OK", len(results))
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "OK 1" in done.stdout
+
+
+def test_an_ultralytics_checkpoint_loads_as_a_teacher(tmp_path):
+    from detdistill.engine.builders import load_detector
+
+    torch.manual_seed(0)
+    source = yolo(**TINY)
+    path = save_checkpoint(tmp_path / "best.pt", source.ultralytics_checkpoint(list("wxyz")))
+    loaded = load_detector(path)
+    assert loaded.class_names == ["w", "x", "y", "z"]
+    assert loaded.image_size == 64
+    image = torch.rand(3, 64, 64)
+    source.eval(), loaded.model.eval()
+    torch.testing.assert_close(loaded.model([image])[0]["scores"], source([image])[0]["scores"])
+
+
+def test_yolo_model_config_builds_and_names_bad_kwargs():
+    from detdistill.engine.builders import build_model
+    from detdistill.engine.config import config_from_dict
+
+    cfg = config_from_dict(
+        {"model": {"name": "yolo", "num_classes": 4, "kwargs": {"cfg": "yolo26n.yaml", **TINY}}}
+    )
+    model = build_model(cfg.model, 64)
+    assert model.end2end and model.transform.size == 64
+    bad = config_from_dict(
+        {"model": {"name": "yolo", "kwargs": {"cfg": "yolo11n.yaml", "scale": "q"}}}
+    )
+    with pytest.raises(ConfigError, match="model.kwargs: yolo scale 'q'"):
+        build_model(bad.model, 64)
+
+
+@pytest.mark.slow
+def test_distilling_a_yolo_pair_writes_an_ultralytics_checkpoint(tmp_path):
+    """Teacher and student trained by the trainer; the student comes out in both formats."""
+    from ultralytics import YOLO
+
+    model = "model.kwargs={cfg: yolo11n.yaml, depth: 0.25, width: 0.0625}"
+    teacher = train_tiny(tmp_path, "teacher", "model.name=yolo", model, "train.optimizer=sgd")
+    assert teacher.is_file()
+    assert (tmp_path / "teacher" / "ultralytics.pt").is_file()
+    student = train_tiny(
+        tmp_path, "student", "model.name=yolo", model, "train.optimizer=sgd",
+        f"distill={{teacher_checkpoint: {tmp_path / 'teacher' / 'ultralytics.pt'}, "
+        "methods: {rm: auto, pfi: auto}, auto_batches: 1}",
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert set(summary["distill_weights"]) == {"rm", "pfi"}
+    assert student.is_file()
+    names = YOLO(str(tmp_path / "student" / "ultralytics.pt")).names
+    assert len(names) == 6  # the tiny `shapes` classes
