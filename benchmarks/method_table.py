@@ -32,6 +32,7 @@ from _common import emit, environment
 PRESETS = {
     "digits": ("digits_teacher", "digits_student", "digits_distill"),
     "digits_gfl": ("digits_gfl_teacher", "digits_gfl_student", "digits_gfl_distill"),  # the demo's
+    "digits_yolo": ("digits_yolo_teacher", "digits_yolo_student", "digits_yolo_distill"),
     "shapes": ("shapes_teacher", "shapes_student", "shapes_distill"),
     "voc": ("voc_r50", "voc_r50_r18", "voc_r50_r18"),
     "coco": ("coco_retinanet_r101", "coco_retinanet_r101_r50", "coco_retinanet_r101_r50"),

@@ -300,8 +300,8 @@ def test_bad_literal_lists_the_choices() -> None:
     message = error_of(apply_overrides, Config(), ["train.optimizer=adam"])
     assert "train.optimizer: expected one of 'sgd', 'adamw', got str 'adam'" in message
     assert "did you mean 'adamw'" in message
-    assert "data.format: expected one of 'embedded', 'coco', 'voc'" in error_of(
-        apply_overrides, Config(), ["data.format=yolo"]
+    assert "data.format: expected one of 'embedded', 'coco', 'voc', 'yolo'" in error_of(
+        apply_overrides, Config(), ["data.format=darknet"]
     )
 
 

@@ -240,3 +240,16 @@ def test_distilling_a_yolo_pair_writes_an_ultralytics_checkpoint(tmp_path):
     assert student.is_file()
     names = YOLO(str(tmp_path / "student" / "ultralytics.pt")).names
     assert len(names) == 6  # the tiny `shapes` classes
+
+
+def test_unreadable_images_stay_counted_after_ultralytics_patches_pil(tmp_path):
+    from detdistill.data.errors import ImageReadError
+    from detdistill.data.image_io import read_image
+
+    import_ultralytics()
+    import ultralytics.utils.patches  # noqa: F401  (replaces PIL.Image.open)
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageReadError):
+        read_image(bad)

@@ -27,6 +27,10 @@ _DECODE_ERRORS = (
     ValueError,
     UnidentifiedImageError,
     Image.DecompressionBombError,
+    # Importing Ultralytics (the yolo extra) replaces PIL's Image.open: a file PIL cannot
+    # identify then makes it import a HEIF decoder, which fails where pi-heif is not
+    # installed. The file is as unreadable as before; count it so.
+    ImportError,
 )
 
 
