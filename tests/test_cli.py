@@ -226,3 +226,34 @@ def test_quick_demo_prints_its_table_and_reuses_the_teacher(tmp_path, capsys, on
     assert "reusing the teacher" in capsys.readouterr().out
     assert (tmp_path / "teacher" / "model.pt").stat().st_mtime_ns == teacher_weights
     assert "teacher" not in json.loads((tmp_path / "results.json").read_text())["phase_minutes"]
+
+
+@pytest.mark.parametrize(
+    ("command", "override", "names"),
+    [
+        ("train", "model.name=retinanett", ["model.name", "retinanett", "retinanet"]),
+        ("train", "data.batch_size=64", ["data.batch_size", "16 images"]),
+        ("train", "model.num_classes=5", ["model.num_classes", "6 classes"]),
+        ("distill", "distill.methods={rmm: auto}", ["distill.methods", "'rmm'", "crosskd"]),
+        ("distill", "distill.method_options={rm: {tempreature: 2}}",
+         ["distill.method_options.rm", "tempreature", "temperature"]),
+        ("distill", "distill.method_options={pfi: {norm: mean}}",
+         ["distill.method_options", "not selected: pfi"]),
+    ],
+)  # fmt: skip
+def test_user_mistakes_are_one_line_errors_before_any_work(
+    command, override, names, capsys, tmp_path
+):
+    preset = "digits_teacher" if command == "train" else "digits_distill"
+    extra = ["--set", f"data.root={tmp_path}", "--set", f"output_dir={tmp_path / 'run'}"]
+    if command == "distill":  # the methods are checked before the teacher is even looked for
+        extra += ["--set", f"distill.teacher_checkpoint={tmp_path / 'missing.pt'}"]
+        if "pfi" in override:
+            extra += ["--set", "distill.methods={rm: auto}"]
+    code = main([command, preset, *TINY, *extra, "--set", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"detdistill {command}: error: ")
+    for name in names:
+        assert name in err, err

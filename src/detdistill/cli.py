@@ -88,7 +88,9 @@ def _cmd_train(args: argparse.Namespace, distill: bool) -> int:
         raise ConfigError("this config has a `distill:` section: run it with `detdistill distill`")
     if distill:
         from detdistill.engine.doctor import run_doctor
+        from detdistill.engine.validate import validate_config
 
+        validate_config(cfg)  # a bad name is one line, before the teacher is evaluated
         report = run_doctor(cfg)
         print(report.render())
         if not report.ok:

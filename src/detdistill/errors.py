@@ -10,8 +10,12 @@ command line prints these as one line (``detdistill <command>: error: ...``);
 
 from __future__ import annotations
 
-__all__ = ["DetDistillError"]
+__all__ = ["DetDistillError", "UnknownNameError"]
 
 
 class DetDistillError(Exception):
     """Bad input or state that the user can fix; the message says what and where."""
+
+
+class UnknownNameError(DetDistillError, ValueError):
+    """A name (detector, method, backbone, ...) that no registry knows; the message lists the known."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from detdistill.errors import UnknownNameError
+
 __all__ = ["Registry"]
 
 T = TypeVar("T")
@@ -41,7 +43,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The builder registered as ``name``; an unknown name lists the valid ones."""
         if name not in self._items:
-            raise ValueError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names())}"
             )
         return self._items[name]

@@ -26,9 +26,10 @@ from detdistill.engine.builders import (
     load_detector,
 )
 from detdistill.engine.checkpoint import CheckpointError
-from detdistill.engine.config import Config
+from detdistill.engine.config import Config, ConfigError
 from detdistill.engine.distributed import resolve_device
 from detdistill.engine.sampling import first_training_batches
+from detdistill.engine.validate import validate_config
 from detdistill.evaluation import evaluate
 from detdistill.pair import run_pair
 
@@ -57,6 +58,11 @@ class DoctorReport:
 def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> DoctorReport:
     """Run every check that applies to ``cfg`` and collect the findings (never raises for them)."""
     report = DoctorReport()
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        report.add("FAIL", str(exc))
+        return report
     device = resolve_device(cfg.device)
     data = build_datasets(cfg.data)
     report.add(

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from detdistill.engine.config_schema import ConfigError
+
 
 class ResumableBatchSampler(Sampler[list[int]]):
     """Shuffled (or ordered) batches of one rank's share, skipping ``start_batch`` batches.
@@ -40,11 +42,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
         drop_last: bool = True,
     ):
         if num_samples <= 0:
-            raise ValueError("the data set is empty")
+            raise ConfigError("the data set is empty: no image to train or evaluate on", "data")
         if drop_last and num_samples < batch_size * world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{num_samples} images are fewer than one global batch "
-                f"({batch_size} x {world_size} processes); lower data.batch_size"
+                f"({batch_size} x {world_size} processes); lower data.batch_size",
+                "data.batch_size",
             )
         self.num_samples = num_samples
         self.batch_size = batch_size

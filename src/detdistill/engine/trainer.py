@@ -46,7 +46,7 @@ from detdistill.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from detdistill.engine.config import Config, TrainConfig, config_to_dict, save_config
+from detdistill.engine.config import Config, ConfigError, TrainConfig, config_to_dict, save_config
 from detdistill.engine.distributed import DistInfo, barrier, init_distributed, reduce_dict_mean
 from detdistill.engine.metrics_log import MetricsLogger
 from detdistill.engine.sampling import (
@@ -55,6 +55,7 @@ from detdistill.engine.sampling import (
     first_training_batches,
 )
 from detdistill.engine.schedule import build_scheduler, lr_factor
+from detdistill.engine.validate import validate_config
 from detdistill.errors import DetDistillError
 from detdistill.evaluation import evaluate
 
@@ -100,6 +101,7 @@ class Trainer:
     """Owns the model(s), optimiser state and run directory of one run."""
 
     def __init__(self, cfg: Config, data: DataSplits | None = None, show_progress: bool = True):
+        validate_config(cfg)  # names and method options, before any data or model work
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.device)
         self.device = self.dist.device
@@ -109,9 +111,10 @@ class Trainer:
 
         self.data = data or self._build_data()
         if cfg.model.num_classes != len(self.data.class_names):
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes is {cfg.model.num_classes} but the data has "
-                f"{len(self.data.class_names)} classes: {', '.join(self.data.class_names)}"
+                f"{len(self.data.class_names)} classes: {', '.join(self.data.class_names)}",
+                "model.num_classes",
             )
         self.model = build_model(cfg.model, cfg.data.model_input_size).to(self.device)
         self.distiller: Distiller | None = None

@@ -1,0 +1,45 @@
+"""Checks of a whole run config that need the registries, made before any work starts.
+
+The schema (:mod:`detdistill.engine.config_schema`) checks types and ranges
+as the config is read; names (detectors, distillation methods) and method
+options can only be checked against what is registered. Doing it here, first,
+means a typo costs one line and no data loading or teacher evaluation.
+"""
+
+from __future__ import annotations
+
+from detdistill.engine.config_schema import Config, ConfigError
+from detdistill.errors import UnknownNameError
+from detdistill.losses import build_method
+from detdistill.models.registry import DETECTORS
+
+__all__ = ["validate_config"]
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise :class:`ConfigError` naming the key of the first unknown name or bad method option."""
+    models = {"model.name": cfg.model}
+    if cfg.distill is not None and cfg.distill.teacher_model is not None:
+        models["distill.teacher_model.name"] = cfg.distill.teacher_model
+    for key, model in models.items():
+        try:
+            DETECTORS.get(model.name)
+        except UnknownNameError as exc:
+            raise ConfigError(f"{key}: {exc}", key) from None
+    if cfg.distill is None:
+        return
+    options = cfg.distill.method_options
+    unused = sorted(set(options) - set(cfg.distill.methods))
+    if unused:
+        raise ConfigError(
+            f"distill.method_options: options for method(s) not selected: {', '.join(unused)}",
+            "distill.method_options",
+        )
+    for name in cfg.distill.methods:
+        try:
+            build_method(name, **options.get(name, {}))
+        except UnknownNameError as exc:
+            raise ConfigError(f"distill.methods: {exc}", "distill.methods") from None
+        except (ValueError, TypeError) as exc:
+            key = f"distill.method_options.{name}"
+            raise ConfigError(f"{key}: {exc}", key) from None
