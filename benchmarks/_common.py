@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import shlex
@@ -15,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+
+from detdistill import jsonio
 
 
 def environment() -> dict[str, object]:
@@ -99,7 +100,7 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
 
 
 def emit(result: dict, out: str | None) -> None:
-    text = json.dumps(result, indent=2)
+    text = jsonio.dumps(result, indent=2)  # strict: NaN/inf as null
     print(text)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

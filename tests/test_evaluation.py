@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Subset
 
+from detdistill import jsonio
 from detdistill.data import CocoDetection, build_transforms
 from detdistill.engine.builders import build_eval_loader
 from detdistill.evaluation import (
@@ -288,5 +289,6 @@ def test_distributed_evaluation_gathers_and_broadcasts(tmp_path):
     )
     results = sorted(queue.get(timeout=60) for _ in range(2))
     assert [r[1] for r in results] == [3, 2]  # 5 images over 2 ranks, no padded repeat
-    assert results[0][2] == results[1][2]  # every rank gets rank 0's dict
+    # every rank gets rank 0's dict (json_safe: undefined sizes are NaN, and NaN != NaN)
+    assert jsonio.json_safe(results[0][2]) == jsonio.json_safe(results[1][2])
     assert results[0][2]["num_images"] == 5 and results[0][2]["mAP"] == pytest.approx(1.0)

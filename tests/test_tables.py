@@ -15,7 +15,7 @@ def test_metrics_table_percentages_gain_and_missing_sizes():
             "AP75": 0.087,
             "APs": 0.104,
             "APm": 0.098,
-            "APl": -1.0,
+            "APl": float("nan"),
         },
         "distilled": {
             "mAP": 0.106,
@@ -23,7 +23,7 @@ def test_metrics_table_percentages_gain_and_missing_sizes():
             "AP75": 0.097,
             "APs": 0.11,
             "APm": 0.108,
-            "APl": -1.0,
+            "APl": float("nan"),
         },
     }
     lines = metrics_table(rows, baseline="student").splitlines()

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from detdistill import jsonio
 from detdistill.engine.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
 from detdistill.engine.config import Config, config_to_dict
 from detdistill.engine.presets import load_preset_or_file
@@ -130,7 +131,7 @@ def run_demo(
     print("\n" + text)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(
-        json.dumps(
+        jsonio.dumps(
             {
                 "rows": rows,
                 "gain_mAP": gain,

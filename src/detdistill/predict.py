@@ -10,7 +10,6 @@ detector itself already returns boxes in each input image's original pixels
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from detdistill import jsonio
 from detdistill.data.errors import ImageReadError
 from detdistill.data.image_io import read_image
 from detdistill.engine.config import ConfigError
@@ -352,7 +352,7 @@ def run_predict(
         {"id": predictor.category_id(i), "name": n} for i, n in enumerate(predictor.class_names)
     ]
     results_file, summary_file = out / "results.json", out / "summary.json"
-    results_file.write_text(json.dumps(results))
+    results_file.write_text(jsonio.dumps(results))
     summary = {
         "checkpoint": str(checkpoint),
         "score_threshold": score_threshold,
@@ -362,7 +362,7 @@ def run_predict(
         "categories": categories,
         "skipped": skipped,
     }
-    summary_file.write_text(json.dumps(summary, indent=2))
+    summary_file.write_text(jsonio.dumps(summary, indent=2))
     if not images:
         raise NoImagesError(
             f"none of the {len(files)} input files could be read as an image; "

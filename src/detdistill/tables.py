@@ -14,7 +14,7 @@ COLUMNS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 def metrics_table(rows: Mapping[str, Mapping[str, float]], baseline: str | None = None) -> str:
     """A fixed-width table of COCO metrics (in %), one row per run; with ``baseline``, a gain column.
 
-    COCOeval's -1 ("no ground truth of that size") shows as "-".
+    An undefined metric (NaN: no ground truth of that size, COCOeval's -1) shows as "-".
     """
     width = max([len(name) for name in rows] + [8])
     header = f"{'run':{width}s} " + " ".join(f"{c:>6s}" for c in COLUMNS)

@@ -9,19 +9,19 @@ figures and ``report.md`` to ``out``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
+from detdistill import jsonio
 from detdistill.analysis.collect import Collected, collect
 from detdistill.analysis.draw import plot_candidates
 from detdistill.analysis.features import level_correlations
 from detdistill.analysis.plots import plot_map_overlays, plot_rank_histograms
 from detdistill.analysis.ranks import rank_statistics
 from detdistill.analysis.report import render_report
-from detdistill.analysis.summary import json_safe, rank_summary
+from detdistill.analysis.summary import rank_summary
 from detdistill.data import (
     ClassMismatchError,
     DataError,
@@ -135,7 +135,7 @@ def run_analysis(
     out.mkdir(parents=True, exist_ok=True)
     plot_rank_histograms(ranks, out / "rank_correlation_hist.png")
     candidate_pngs, map_pngs = _figures(collected, strides, student.class_names, out)
-    result: dict[str, Any] = json_safe(
+    result: dict[str, Any] = jsonio.json_safe(
         {
             "teacher": str(teacher_ckpt),
             "student": str(student_ckpt),
@@ -157,7 +157,7 @@ def run_analysis(
             "instances": rows,
         }
     )
-    (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "analysis.json").write_text(jsonio.dumps(result, indent=2) + "\n")
     report = out / "report.md"
     report.write_text(render_report(result, candidate_pngs, map_pngs))
     return report

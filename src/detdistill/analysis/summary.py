@@ -15,7 +15,7 @@ import numpy as np
 from detdistill.analysis.collect import InstanceInfo
 from detdistill.analysis.ranks import InstanceRanks, summarize
 
-__all__ = ["SIZE_CLASSES", "json_safe", "rank_summary", "size_class"]
+__all__ = ["SIZE_CLASSES", "rank_summary", "size_class"]
 
 #: COCO's object size classes by area in original-image pixels (COCOeval's areaRng).
 SMALL_MAX, MEDIUM_MAX = 32.0**2, 96.0**2
@@ -76,16 +76,3 @@ def rank_summary(
         "by_size": {name: _group(ranks, sizes == name) for name in SIZE_CLASSES},
     }
     return summary, rows
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None (strict JSON), numpy scalars -> Python, recursively."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from detdistill import jsonio
 from detdistill.data import CocoDetection, VOCDetection, YoloDetection, build_transforms
 from detdistill.engine.builders import (
     LoadedModel,
@@ -125,5 +125,5 @@ def evaluate_checkpoint(
         "data_problems": dataset.problems.as_dict() if hasattr(dataset, "problems") else None,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(payload, indent=2) + "\n")
+    out_path.write_text(jsonio.dumps(payload, indent=2) + "\n")
     return {**payload, "out": out_path}

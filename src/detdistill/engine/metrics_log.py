@@ -20,6 +20,8 @@ from typing import IO, Any
 
 import torch
 
+from detdistill import jsonio
+
 __all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "MetricsLogger", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,7 +75,7 @@ class MetricsLogger:
         record["time"] = round(time.time(), 3)
         for key, value in values.items():
             record[key] = _plain(value)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(jsonio.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
             for key, value in record.items():

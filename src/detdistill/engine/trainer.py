@@ -8,7 +8,6 @@ every epoch and on Ctrl-C, so a resumed run continues the same curve.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from detdistill import jsonio
 from detdistill.auto_weights import format_balance
 from detdistill.data import collate_fn
 from detdistill.data.loader import batch_to_device
@@ -419,7 +419,7 @@ class Trainer:
             if self.distiller is not None:
                 summary["distill_weights"] = dict(self.distiller.weights)
                 summary["balance"] = self.balance
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2) + "\n")
         return RunResult(self.run_dir, self.metrics, self.epoch, self.step, status, history)
 
     def _train_epoch(self, logger: MetricsLogger) -> bool:

@@ -10,7 +10,7 @@ from detdistill.evaluation.coco_eval import (
     per_class_from_eval,
     run_coco_eval,
 )
-from detdistill.evaluation.evaluator import evaluate, ground_truth_of, nan_to_none, to_coco_results
+from detdistill.evaluation.evaluator import evaluate, ground_truth_of, to_coco_results
 
 __all__ = [
     "METRIC_KEYS",
@@ -20,7 +20,6 @@ __all__ = [
     "ground_truth_of",
     "load_ground_truth",
     "metrics_from_eval",
-    "nan_to_none",
     "per_class_ap",
     "per_class_from_eval",
     "run_coco_eval",

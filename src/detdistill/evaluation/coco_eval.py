@@ -131,10 +131,14 @@ def run_coco_eval(
 def metrics_from_eval(evaluator: COCOeval) -> dict[str, float]:
     """The six AP numbers, ``stats[0..5]`` of a summarised ``COCOeval``, as floats.
 
-    Fractions in [0, 1]; -1 where the ground truth has no object of that kind
-    (e.g. ``APl`` with no large object), exactly as pycocotools reports it.
+    Fractions in [0, 1]; NaN where the ground truth has no object of that kind
+    (e.g. ``APl`` with no large object: pycocotools' -1), since the AP is
+    undefined there, not negative: averages skip it, strict JSON writes ``null``.
     """
-    return {key: float(evaluator.stats[i]) for i, key in enumerate(METRIC_KEYS)}
+    return {
+        key: math.nan if evaluator.stats[i] < 0 else float(evaluator.stats[i])
+        for i, key in enumerate(METRIC_KEYS)
+    }
 
 
 def per_class_from_eval(evaluator: COCOeval) -> dict[str, float]:
@@ -162,8 +166,8 @@ def coco_metrics(
 ) -> dict[str, float]:
     """``{"mAP", "AP50", "AP75", "APs", "APm", "APl"}`` as COCOeval's ``stats[0..5]``.
 
-    With no detections every metric with ground truth is 0.0 (no crash); -1
-    marks a size range without ground truth, as in pycocotools. ``verbose``
+    With no detections every metric with ground truth is 0.0 (no crash); NaN
+    marks a size range without ground truth (pycocotools' -1). ``verbose``
     lets pycocotools print its usual table. See :func:`run_coco_eval`.
     """
     return metrics_from_eval(run_coco_eval(ground_truth, detections, image_ids, verbose))

@@ -9,7 +9,6 @@ so they are done once, tested, and shared by train, distill and eval.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -175,8 +174,3 @@ def evaluate(
     if world > 1:
         torch.distributed.broadcast_object_list(result, src=0)
     return result[0]
-
-
-def nan_to_none(values: dict[str, float]) -> dict[str, float | None]:
-    """NaN (a class without ground truth) as ``None``, for strict JSON writers."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
