@@ -257,3 +257,23 @@ def test_user_mistakes_are_one_line_errors_before_any_work(
     assert err.startswith(f"detdistill {command}: error: ")
     for name in names:
         assert name in err, err
+
+
+def test_a_training_split_without_boxes_is_an_error(tmp_path, capsys):
+    data = tiny_data_dir(tmp_path)
+    code = main(["train", "digits_teacher", *TINY, "--set", f"data.root={tmp_path}",
+                 "--set", f"output_dir={tmp_path / 'run'}", "--set", "train.max_steps=1"])  # fmt: skip
+    assert code == 0
+    train = json.loads((data / "train.json").read_text())
+    train["annotations"] = []
+    (tmp_path / "empty.json").write_text(json.dumps(train))
+    val = data / "val.json"
+    overrides = ["data.format=coco", f"data.train_images={data / 'train'}",
+                 f"data.train_annotations={tmp_path / 'empty.json'}",
+                 f"data.val_images={data / 'val'}", f"data.val_annotations={val}",
+                 f"output_dir={tmp_path / 'run2'}"]  # fmt: skip
+    capsys.readouterr()
+    code = main(["train", "digits_teacher", *TINY, *(a for o in overrides for a in ("--set", o))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "empty.json" in err and "no boxes at all" in err and "nothing to learn" in err

@@ -18,12 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from detdistill import jsonio
 from detdistill.auto_weights import format_balance
 from detdistill.data import collate_fn
+from detdistill.data.errors import DataError
 from detdistill.data.loader import batch_to_device
 from detdistill.distill import Distiller
 from detdistill.engine.builders import (
@@ -97,6 +98,23 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, dict[str
     return loaded.model.to(device), {"path": str(path.resolve()), "sha256": file_sha256(path)}
 
 
+def check_has_boxes(train: Dataset) -> None:
+    """A training split without a single box has nothing to teach: say so before training.
+
+    Images without objects are legitimate negatives next to positives, but a
+    split of negatives only would train to the end and report mAP 0.
+    """
+    base = train
+    while hasattr(base, "dataset"):  # tiles and seeded augmentation wrap the data set
+        base = base.dataset
+    problems = getattr(base, "problems", None)
+    if problems is not None and problems.info.get("annotations", 1) == 0:
+        raise DataError(
+            f"{problems.source}: the training split has {len(base)} images and no boxes at all "
+            "(every annotation missing or dropped): there is nothing to learn"
+        )
+
+
 class Trainer:
     """Owns the model(s), optimiser state and run directory of one run."""
 
@@ -116,6 +134,7 @@ class Trainer:
                 f"{len(self.data.class_names)} classes: {', '.join(self.data.class_names)}",
                 "model.num_classes",
             )
+        check_has_boxes(self.data.train)
         self.model = build_model(cfg.model, cfg.data.model_input_size).to(self.device)
         self.distiller: Distiller | None = None
         self.teacher_info: dict[str, str] | None = None

@@ -9,6 +9,7 @@ so they are done once, tested, and shared by train, distill and eval.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -171,6 +172,11 @@ def evaluate(
             "eval: mAP %.4f AP50 %.4f on %d images, %d detections",
             metrics["mAP"], metrics["AP50"], len(image_ids), len(detections),
         )  # fmt: skip
+        if math.isnan(metrics["mAP"]):
+            logger.warning(
+                "eval: the %d evaluated images have no ground-truth box: mAP is undefined "
+                "(written as null)", len(image_ids),
+            )  # fmt: skip
     if world > 1:
         torch.distributed.broadcast_object_list(result, src=0)
     return result[0]
