@@ -98,6 +98,10 @@ def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) ->
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    # A process killed in the middle of an earlier write left its temp file: the
+    # checkpoint itself was never touched, only the leftover goes.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     return path
 
 
