@@ -90,8 +90,9 @@ def test_sigkill_anywhere_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert train(tmp_path, "whole") == 0
     expected = json.loads((tmp_path / "whole" / "summary.json").read_text())["metrics"]
 
-    # 4 steps per epoch, 2 checkpoint files per save: kill mid-epoch, then in the middle of
-    # writing last_state.pt (write 3: epoch 2's first file), then in the middle of model.pt.
+    # 4 steps per epoch, 2 checkpoint files per save (model.pt, then last_state.pt): kill
+    # mid-epoch, then in the middle of writing model.pt (write 3: epoch 2's first file), then
+    # in the middle of last_state.pt (write 2).
     kills = ["step:6", "write:3", "write:2"]
     run = tmp_path / "killed"
     for i, kill in enumerate(kills):
@@ -104,3 +105,8 @@ def test_sigkill_anywhere_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert summary["status"] == "completed"
     assert summary["metrics"] == expected
     assert not list(run.glob(".*.tmp")), "temp files of the killed writes are cleaned up"
+    weights = torch.load(run / "model.pt", weights_only=True)["model"]
+    for key, value in torch.load(tmp_path / "whole" / "model.pt", weights_only=True)[
+        "model"
+    ].items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)

@@ -244,12 +244,15 @@ class Trainer:
             state["teacher"] = self.teacher_info
             state["distill_weights"] = dict(self.distiller.weights)
             state["balance"] = self.balance
-        save_checkpoint(self.run_dir / STATE_FILE, state)
+        # The weights first, the resumable state last: the state is the commit point. A
+        # process killed in between resumes from the previous state and writes both again,
+        # so model.pt never lags behind last_state.pt.
         save_checkpoint(self.run_dir / WEIGHTS_FILE, weights)
         model = self.eval_model()
         if hasattr(model, "ultralytics_checkpoint"):  # the student in its users' own format too
             payload = model.ultralytics_checkpoint(self.data.class_names)
             save_checkpoint(self.run_dir / ULTRALYTICS_FILE, payload)
+        save_checkpoint(self.run_dir / STATE_FILE, state)
 
     def resume(self) -> None:
         """Continue from ``last_state.pt`` of the run directory."""
