@@ -47,6 +47,26 @@ The measurement uses ``torch.autograd.grad`` (no ``.grad`` is touched, no
 optimiser step is taken), restores the student's buffers (BatchNorm
 statistics) and the random-number state afterwards, and averages across
 processes under DDP, so every rank chooses the same weights.
+
+**The guard: a weight may only fall.** Measured once, the rule fails where a
+term has almost nothing to imitate at the start: a student that begins as a
+copy (or a fine-tuned or pruned version) of its teacher. PFI's gradient is
+then near zero, so ``w = r G_det / G_m`` is enormous (1e5 and more); as the
+student drifts the term's gradient grows with a fixed huge weight, the pull
+feeds itself and the loss diverges within ten steps. So during training the
+ratio is measured again on the training batch itself, at steps 1, 2, 4, 8,
+..., 512 and then every :data:`GUARD_EVERY` steps (:func:`guard_due`); where
+a term's weighted gradient has grown past :data:`GUARD_TOLERANCE` times its
+target ratio, its weight is lowered to meet the target again
+(:func:`guard_weights`) and the change is logged. The runaway is
+exponential (a perturbed copy of a teacher diverged within 20 steps of a
+check), so a cheap watch runs at every step as well: the weighted loss over
+the detection loss, ``w L_m / L_det``, a number the step has anyway; when it
+has grown :data:`GUARD_GROWTH` times since the last check, the gradients are
+checked at once. Weights never rise above
+the starting choice, so a run where no term outgrows its target trains
+exactly as before (the checks touch no ``.grad``, buffer or random state),
+and a resumed run repeats the same checks at the same steps.
 """
 
 from __future__ import annotations
@@ -66,6 +86,14 @@ AUTO = "auto"
 # What each kind of term's gradient should be, relative to detection's, at the start.
 DEFAULT_RATIOS: dict[str, float] = {"features": 10.0, "outputs": 0.3}
 DEFAULT_BATCHES = 4
+# The guard (see the module docstring): a term whose weighted gradient grew past this many
+# times its target ratio has its weight lowered back to the target; checked at steps
+# 1, 2, 4, ..., 512, then every GUARD_EVERY steps.
+GUARD_TOLERANCE = 2.0
+GUARD_EVERY = 500
+# ... and at once when a term's weighted loss over the detection loss grew this many times
+# since the last check (a cheap watch at every step).
+GUARD_GROWTH = 4.0
 
 Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
 
@@ -212,6 +240,34 @@ def choose_weights(
             shared_parameters=shared,
         )
     return out
+
+
+def guard_due(step: int) -> bool:
+    """Whether training step ``step`` (steps done before it) re-checks the ``auto`` weights."""
+    if step < 1:
+        return False
+    if step <= 512:
+        return step & (step - 1) == 0  # a power of two
+    return step % GUARD_EVERY == 0
+
+
+def guard_weights(
+    weights: Mapping[str, float],
+    measured: Mapping[str, tuple[float, float, int]],
+    ratios: Mapping[str, float],
+) -> dict[str, float]:
+    """The ``auto`` weights to lower: ``{name: new weight}`` where ``w G_m > tol * r G_det``.
+
+    ``measured`` is :func:`measure_gradients` of the current batch. A term
+    lowered goes back to exactly its target ratio; one below the tolerance is
+    left alone (the weight never rises).
+    """
+    lowered = {}
+    for name, weight in weights.items():
+        grad_norm, detection_norm, _ = measured[name]
+        if grad_norm > 0 and weight * grad_norm > GUARD_TOLERANCE * ratios[name] * detection_norm:
+            lowered[name] = ratios[name] * detection_norm / grad_norm
+    return lowered
 
 
 @contextmanager

@@ -7,6 +7,7 @@ and a term that is silently zero or missing cannot hide.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -15,10 +16,13 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from detdistill.auto_weights import (
+    GUARD_GROWTH,
     Batch,
     TermBalance,
     check_ratios,
     choose_weights,
+    guard_due,
+    guard_weights,
     measure_gradients,
     parse_weight,
     preserved_state,
@@ -225,6 +229,7 @@ class Distiller(nn.Module):
         teacher_half: bool = False,
         teacher_channels_last: bool = True,
         teacher_compile: bool = False,
+        auto_ratio: Mapping[str, float] | None = None,
     ):
         super().__init__()
         check_compatible(teacher, student)
@@ -266,6 +271,13 @@ class Distiller(nn.Module):
             name: parse_weight(name, weight) for name, weight in methods.items()
         }
         self.auto_methods = [name for name, weight in self.weights.items() if weight is None]
+        by_kind = check_ratios(auto_ratio or {})
+        # The target ratio of each auto term (auto_weights.DEFAULT_RATIOS by what it imitates).
+        self.auto_ratios = {n: by_kind[self.methods[n].imitates] for n in self.auto_methods}
+        # Every weight the guard lowered during training: step, method, from, to, ratio.
+        self.weight_changes: list[dict[str, Any]] = []
+        # w L_m / L_det of each auto term at the guard's last check (saved with the run state).
+        self.guard_reference: dict[str, float] = {}
         self.teacher_half = teacher_half
         self._runner: nn.Module = self.branch
 
@@ -344,13 +356,21 @@ class Distiller(nn.Module):
         with preserved_state(self.student):
             measured = measure_gradients(params, terms(), names)
         term_ratios = {name: by_kind[method.imitates] for name, method in self.methods.items()}
+        self.auto_ratios = {name: term_ratios[name] for name in self.auto_methods}
         chosen = choose_weights(self.weights, measured, term_ratios)
         for name in self.auto_methods:
             self.weights[name] = chosen[name].weight
         return chosen
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Named loss terms for one batch; distillation terms are already weighted."""
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]], step: int | None = None
+    ) -> dict[str, Tensor]:
+        """Named loss terms for one batch; distillation terms are already weighted.
+
+        ``step`` (the number of training steps done) lets the guard re-check the
+        ``auto`` weights at its steps (:func:`~detdistill.auto_weights.guard_due`);
+        what it lowered is in :attr:`weight_changes`. The trainer passes it.
+        """
         if self.needs_balance:
             pending = ", ".join(n for n, w in self.weights.items() if w is None)
             raise RuntimeError(
@@ -358,10 +378,40 @@ class Distiller(nn.Module):
                 "Distiller.balance(batches) before training (the trainer does it)"
             )
         detection, distill = self.loss_terms(images, targets)
+        if step is not None and self.auto_methods and self.training:
+            detection_total = sum(detection.values())
+            loss_ratios = self._loss_ratios(detection_total, distill)
+            grown = any(
+                loss_ratios[n] > GUARD_GROWTH * self.guard_reference.get(n, math.inf)
+                for n in self.auto_methods
+            )
+            if guard_due(step) or grown or not self.guard_reference:
+                if step > 0:
+                    self._guard(step, detection_total, distill)
+                self.guard_reference = self._loss_ratios(detection_total, distill)
         losses = dict(detection)
         for name, value in distill.items():
             losses[name] = self.weights[name] * value
         return losses
+
+    def _loss_ratios(self, detection: Tensor, distill: dict[str, Tensor]) -> dict[str, float]:
+        """``w L_m / L_det`` of every auto term: the guard's cheap per-step watch."""
+        values = torch.stack([distill[n].detach().float() for n in self.auto_methods])
+        ratios = (values / detection.detach().float().clamp_min(1e-12)).tolist()
+        return {n: self.weights[n] * r for n, r in zip(self.auto_methods, ratios, strict=True)}
+
+    def _guard(self, step: int, detection: Tensor, distill: dict[str, Tensor]) -> None:
+        """Lower an ``auto`` weight whose term outgrew its target ratio (module docstring of
+        :mod:`detdistill.auto_weights`); measured on this batch's graph, nothing trained."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        measured = measure_gradients(params, [(detection, distill)], self.auto_methods)
+        current = {name: self.weights[name] for name in self.auto_methods}
+        for name, weight in guard_weights(current, measured, self.auto_ratios).items():
+            self.weight_changes.append(
+                {"step": step, "method": name, "from": current[name], "to": weight,
+                 "grad_ratio": current[name] * measured[name][0] / measured[name][1]}
+            )  # fmt: skip
+            self.weights[name] = weight
 
     def loss_terms(
         self, images: list[Tensor], targets: list[dict[str, Tensor]]

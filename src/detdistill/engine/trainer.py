@@ -148,6 +148,7 @@ class Trainer:
                 teacher_half=cfg.distill.teacher_half,
                 teacher_channels_last=cfg.distill.teacher_channels_last,
                 teacher_compile=cfg.distill.teacher_compile,
+                auto_ratio=cfg.distill.auto_ratio,
             ).to(self.device)
             trainable: nn.Module = self.distiller.branch
         else:
@@ -243,6 +244,8 @@ class Trainer:
             state["adapters"] = self.distiller.adapters.state_dict()
             state["teacher"] = self.teacher_info
             state["distill_weights"] = dict(self.distiller.weights)
+            state["weight_changes"] = list(self.distiller.weight_changes)
+            state["guard_reference"] = dict(self.distiller.guard_reference)
             state["balance"] = self.balance
         # The weights first, the resumable state last: the state is the commit point. A
         # process killed in between resumes from the previous state and writes both again,
@@ -268,12 +271,14 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.distiller is not None:
             self.distiller.adapters.load_state_dict(state["adapters"])
-            # The weights auto chose at the start; measuring again mid-run would change them.
+            # The weights as they were: chosen at the start, lowered by the guard since.
             saved_weights = state.get("distill_weights") or {}
             self.distiller.set_weights(
                 {k: v for k, v in saved_weights.items() if k in self.distiller.auto_methods}
             )
             self.balance = dict(state.get("balance") or {})
+            self.distiller.weight_changes = list(state.get("weight_changes") or [])
+            self.distiller.guard_reference = dict(state.get("guard_reference") or {})
             saved = state.get("teacher") or {}
             if saved.get("sha256") != self.teacher_info["sha256"]:
                 raise CheckpointError(
@@ -348,7 +353,17 @@ class Trainer:
         """Named loss terms of one batch (weighted distillation terms included)."""
         with torch.autocast(self.device.type, enabled=self.amp):
             if self.distiller is not None:
-                return self.distiller(images, targets)
+                before = len(self.distiller.weight_changes)
+                losses = self.distiller(images, targets, step=self.step)
+                for change in self.distiller.weight_changes[before:]:
+                    if self.dist.is_main:
+                        log.warning(
+                            "auto weight of %s lowered from %.4g to %.4g at step %d: its gradient "
+                            "had grown to %.3gx the detection loss's (docs/weights.md, the guard)",
+                            change["method"], change["from"], change["to"], change["step"],
+                            change["grad_ratio"],
+                        )  # fmt: skip
+                return losses
             return self.runner(images, targets).losses
 
     def train_step(
@@ -440,6 +455,7 @@ class Trainer:
             }
             if self.distiller is not None:
                 summary["distill_weights"] = dict(self.distiller.weights)
+                summary["weight_changes"] = list(self.distiller.weight_changes)
                 summary["balance"] = self.balance
             (self.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2) + "\n")
         return RunResult(self.run_dir, self.metrics, self.epoch, self.step, status, history)
@@ -478,6 +494,13 @@ class Trainer:
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "images_per_s": rate,
                         **{f"loss/{k}": v for k, v in values.items()},
+                        **(
+                            {}
+                            if self.distiller is None
+                            else {
+                                f"distill_weight/{k}": w for k, w in self.distiller.weights.items()
+                            }
+                        ),
                     },
                     step=self.step,
                     epoch=self.epoch + 1,
