@@ -240,6 +240,12 @@ def test_distilling_a_yolo_pair_writes_an_ultralytics_checkpoint(tmp_path):
     assert student.is_file()
     names = YOLO(str(tmp_path / "student" / "ultralytics.pt")).names
     assert len(names) == 6  # the tiny `shapes` classes
+    # analyze reads the YOLO pair too: per-level widths 16/32/64 -> 16/32/64 here, letterbox input
+    from detdistill.analysis import run_analysis
+
+    run_analysis(teacher, student, out=tmp_path / "analysis", max_images=4, num_visualize=1)
+    result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert result["images"] == 4 and result["rank"]["instances"] > 0
 
 
 def test_unreadable_images_stay_counted_after_ultralytics_patches_pil(tmp_path):

@@ -169,8 +169,9 @@ def _areas(
 
 
 def _unnormalise(model: nn.Module, tensor: Tensor, size: tuple[int, int]) -> Tensor:
-    mean = torch.tensor(model.transform.image_mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(model.transform.image_std, dtype=torch.float32)[:, None, None]
+    # A letterbox (YOLO) keeps pixels in [0, 1]: mean 0, std 1.
+    mean = torch.tensor(getattr(model.transform, "image_mean", [0.0] * 3))[:, None, None]
+    std = torch.tensor(getattr(model.transform, "image_std", [1.0] * 3))[:, None, None]
     h, w = size
     return (tensor[:, :h, :w].float().cpu() * std + mean).clamp(0, 1)
 
@@ -195,12 +196,9 @@ def collect(
     teacher.eval()
     student.eval()
     strides = list(student.strides)
-    same_channels = teacher.out_channels == student.out_channels
-    fitters = (
-        []
-        if same_channels
-        else [ChannelMapFitter(student.out_channels, teacher.out_channels) for _ in strides]
-    )
+    channels = list(zip(student.feature_channels, teacher.feature_channels, strict=True))
+    same_channels = all(s == t for s, t in channels)
+    fitters = [] if same_channels else [ChannelMapFitter(s, t) for s, t in channels]
     identity: list[Adapter] = [lambda x: x for _ in strides]
     lookup = _area_lookup(dataset)
     out = Collected(adapters=["identity" if same_channels else "least squares"] * len(strides))
@@ -241,8 +239,8 @@ def collect(
         maps: list[Adapter] = [fitter.solve() for fitter in fitters]
         for images, targets in batches:
             image_list, _ = student.transform(*_on_device(images, targets, device))
-            f_s = student.backbone(image_list.tensors)
-            f_t = teacher.backbone(image_list.tensors)
+            f_s = student.neck_features(image_list.tensors)
+            f_t = teacher.neck_features(image_list.tensors)
             out.d_maps += feature_maps(f_s, f_t, maps, image_list.image_sizes, strides)
     return out
 

@@ -200,6 +200,10 @@ class OneStageDetector(nn.Module):
         anchors = torch.cat(self.anchor_generator.grid_anchors(grid_sizes, strides))
         return [anchors] * num_images
 
+    def neck_features(self, images: Tensor) -> list[Tensor]:
+        """The features the head reads, one per level (backbone + FPN)."""
+        return self.backbone(images)
+
     @property
     def feature_channels(self) -> tuple[int, ...]:
         """Width of each level's neck feature (one FPN width for every level)."""
@@ -286,7 +290,7 @@ class OneStageDetector(nn.Module):
             raise ValueError(
                 f"expected images (N, C, H, W) and N image sizes, got {tuple(images.shape)} and {len(image_sizes)}"
             )
-        features = self.backbone(images)
+        features = self.neck_features(images)
         if len(features) != len(self.strides):
             raise RuntimeError(
                 f"backbone returned {len(features)} levels, expected {len(self.strides)}"

@@ -472,6 +472,10 @@ class YOLODetector(nn.Module):
         distances = distances * stride
         return torch.cat([centre - distances[:, :2], centre + distances[:, 2:]], dim=1)
 
+    def class_scores(self, cls_logits: Tensor, quality: Tensor | None) -> Tensor:
+        """Ranking scores: the sigmoid of the class logits (YOLO has no quality branch)."""
+        return torch.sigmoid(cls_logits)
+
     @torch.no_grad()
     def postprocess(self, output: DetectorOutput) -> list[dict[str, Tensor]]:
         """Ultralytics' validation post-processing: decode, then its NMS (multi-label)."""
@@ -485,7 +489,7 @@ class YOLODetector(nn.Module):
         xywh = torch.cat(
             [(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], -1
         )
-        scores = output.flat_cls_logits().float().sigmoid()
+        scores = self.class_scores(output.flat_cls_logits().float(), None)
         prediction = torch.cat([xywh, scores], dim=-1).permute(0, 2, 1)
         kept = non_max_suppression(
             prediction,
