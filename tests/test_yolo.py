@@ -240,6 +240,10 @@ def test_distilling_a_yolo_pair_writes_an_ultralytics_checkpoint(tmp_path):
     assert student.is_file()
     names = YOLO(str(tmp_path / "student" / "ultralytics.pt")).names
     assert len(names) == 6  # the tiny `shapes` classes
+    # detdistill's ONNX export points to Ultralytics' own, one line
+    from detdistill.cli import main
+
+    assert main(["export", str(student), "--out", str(tmp_path / "s.onnx")]) == 2
     # analyze reads the YOLO pair too: per-level widths 16/32/64 -> 16/32/64 here, letterbox input
     from detdistill.analysis import run_analysis
 

@@ -177,6 +177,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> Pat
     from detdistill.engine.builders import load_detector
 
     loaded = load_detector(checkpoint)
+    if hasattr(loaded.model, "ultralytics_checkpoint"):
+        raise OnnxExportError(
+            f"{checkpoint} is a yolo model: export it with Ultralytics, from the ultralytics.pt "
+            "written beside it: YOLO('.../ultralytics.pt').export(format='onnx') (docs/yolo.md)"
+        )
     category_ids = loaded.payload.get("category_ids")
     return export_detector(
         loaded.model,
