@@ -33,6 +33,38 @@ _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+def head_output(
+    model: nn.Module,
+    features: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    keep_tower: int | None = None,
+) -> DetectorOutput:
+    """A detector's head over its per-level neck features, as a :class:`DetectorOutput`.
+
+    The one head pass of every family (``run_towers``, ``head_outputs``,
+    ``make_anchors``). ``keep_tower=k`` also keeps both towers' features after
+    their first ``k`` convs in ``output.tower_features`` (what CrossKD feeds
+    the teacher).
+    """
+    tower_features = None
+    if keep_tower is None:
+        towers = model.run_towers(features, features)
+    else:
+        tower_features = model.run_towers(features, features, 0, keep_tower)
+        towers = model.run_towers(*tower_features, keep_tower)
+    cls_logits, bbox_regression, quality = model.head_outputs(*towers)
+    return DetectorOutput(
+        features=features,
+        cls_logits=cls_logits,
+        bbox_regression=bbox_regression,
+        quality=quality,
+        anchors=model.make_anchors(features, len(image_sizes)),
+        image_sizes=[(int(h), int(w)) for h, w in image_sizes],
+        tower_features=tower_features,
+        box_code_size=model.box_code_size,
+    )
+
+
 class OneStageDetector(nn.Module):
     """Base class of RetinaNet, FCOS and ATSS.
 
@@ -295,23 +327,7 @@ class OneStageDetector(nn.Module):
             raise RuntimeError(
                 f"backbone returned {len(features)} levels, expected {len(self.strides)}"
             )
-        tower_features = None
-        if keep_tower is None:
-            cls_logits, bbox_regression, quality = self.head_forward(features)
-        else:
-            tower_features = self.run_towers(features, features, 0, keep_tower)
-            towers = self.run_towers(*tower_features, keep_tower)
-            cls_logits, bbox_regression, quality = self.head_outputs(*towers)
-        output = DetectorOutput(
-            features=features,
-            cls_logits=cls_logits,
-            bbox_regression=bbox_regression,
-            quality=quality,
-            anchors=self.make_anchors(features, images.shape[0]),
-            image_sizes=[(int(h), int(w)) for h, w in image_sizes],
-            tower_features=tower_features,
-            box_code_size=self.box_code_size,
-        )
+        output = head_output(self, features, image_sizes, keep_tower)
         if targets is not None:
             if len(targets) != images.shape[0]:
                 raise ValueError(f"got {len(targets)} targets for {images.shape[0]} images")

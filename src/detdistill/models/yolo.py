@@ -50,7 +50,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from detdistill.errors import DetDistillError
 
-from .base import OneStageDetector
+from .base import OneStageDetector, head_output
 from .output import DetectorOutput
 from .registry import register_detector
 
@@ -358,25 +358,7 @@ class YOLODetector(nn.Module):
         keep_tower: int | None = None,
     ) -> DetectorOutput:
         """The one forward path on a letterboxed batch (targets in its pixels)."""
-        features = self.neck_features(images)
-        tower_features = None
-        if keep_tower is None:
-            cls_logits, bbox_regression, _ = self.head_outputs(*self.run_towers(features, features))
-        else:
-            tower_features = self.run_towers(features, features, 0, keep_tower)
-            cls_logits, bbox_regression, _ = self.head_outputs(
-                *self.run_towers(*tower_features, keep_tower)
-            )
-        output = DetectorOutput(
-            features=features,
-            cls_logits=cls_logits,
-            bbox_regression=bbox_regression,
-            quality=None,
-            anchors=self.make_anchors(features, images.shape[0]),
-            image_sizes=[(int(h), int(w)) for h, w in image_sizes],
-            tower_features=tower_features,
-            box_code_size=self.box_code_size,
-        )
+        output = head_output(self, self.neck_features(images), image_sizes, keep_tower)
         if targets is not None:
             self._fill_loss(output, images, targets)
         return output
@@ -500,21 +482,9 @@ class YOLODetector(nn.Module):
         )
         return [{"boxes": k[:, :4], "scores": k[:, 4], "labels": k[:, 5].long()} for k in kept]
 
-    def forward(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-    ) -> DetectorOutput | list[dict[str, Tensor]]:
-        """Train mode: ``DetectorOutput`` with losses. Eval mode: detections per original image."""
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            self.check_targets(images, targets)
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        image_list, targets_t = self.transform(images, targets if self.training else None)
-        output = self.forward_batch(image_list.tensors, image_list.image_sizes, targets_t)
-        if self.training:
-            return output
-        detections = self.postprocess(output)
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+    # Train mode: DetectorOutput with losses; eval mode: detections per original image.
+    # The same path as every detector: transform, forward_batch, postprocess, back to the image.
+    forward = OneStageDetector.forward
 
     # --------------------------------------------------- Ultralytics files
     @classmethod
