@@ -220,6 +220,23 @@ def test_yolo_model_config_builds_and_names_bad_kwargs():
         build_model(bad.model, 64)
 
 
+def test_model_weights_initialise_a_yolo_student_from_best_pt(tmp_path):
+    from detdistill.engine.builders import build_model
+    from detdistill.engine.config import config_from_dict
+
+    torch.manual_seed(0)
+    source = yolo(**TINY)
+    path = save_checkpoint(tmp_path / "best.pt", source.ultralytics_checkpoint(list("abcd")))
+    model_cfg = {"name": "yolo", "num_classes": 4, "weights": str(path),
+                 "kwargs": {"cfg": "yolo11n.yaml", **TINY}}  # fmt: skip
+    model = build_model(config_from_dict({"model": model_cfg}).model, 64)
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(model.model.state_dict()[key], value), key
+    model_cfg["weights"] = str(tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match="model.weights: Ultralytics checkpoint not found"):
+        build_model(config_from_dict({"model": model_cfg}).model, 64)
+
+
 @pytest.mark.slow
 def test_distilling_a_yolo_pair_writes_an_ultralytics_checkpoint(tmp_path):
     """Teacher and student trained by the trainer; the student comes out in both formats."""
