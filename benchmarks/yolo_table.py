@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -144,38 +145,45 @@ def make_table(args: argparse.Namespace) -> None:
         "ultralytics_val": ultralytics_val(teacher_pt, data_yaml, args.image_size),
     }
     runs, teacher = [], None
-    for path in args.ours:
+    for item in args.ours:  # PATH, or PATH@RECIPE for rows trained with another recipe
+        path, _, recipe = item.partition("@")
         ours = json.loads(Path(path).read_text())
         teacher = ours["teacher"]
         for run in ours["runs"]:
-            label = "student alone (detdistill)" if run["method"] == "none" else run["method"]
-            runs.append({**run, "method": label, "trainer": "detdistill",
+            name = "student alone" if run["method"] == "none" else run["method"]
+            runs.append({**run, "method": name, "trainer": "detdistill", "recipe": recipe or "sgd",
                          "mAP": 100 * run["mAP"], "AP50": 100 * run["AP50"]})  # fmt: skip
-    runs += theirs["rows"]
-    by_method: dict[str, list[dict]] = {}
-    for run in runs:
-        by_method.setdefault(run["method"], [])
-        if run["seed"] not in {r["seed"] for r in by_method[run["method"]]}:
-            by_method[run["method"]].append(run)
+    runs += [{**r, "recipe": "ultralytics"} for r in theirs["rows"]]
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for run in runs:  # one row per (trainer, recipe, method); a seed counts once
+        rows = groups.setdefault((run["trainer"], run["recipe"], run["method"]), [])
+        if run["seed"] not in {r["seed"] for r in rows}:
+            rows.append(run)
     teacher_map = 100 * teacher["mAP"]
-    base, _ = mean_std([r["mAP"] for r in by_method["student alone (detdistill)"]])
     summary = []
-    for method, rows in by_method.items():
+    for (trainer, recipe, method), rows in groups.items():
         mean, std = mean_std([r["mAP"] for r in rows])
+        # Each row against the student alone of its own trainer and recipe, seed for seed.
+        alone = groups.get((trainer, recipe, "student alone")) or groups.get(
+            (trainer, recipe, "ultralytics alone")
+        )
+        base = mean_std([r["mAP"] for r in alone])[0] if alone else math.nan
         summary.append({
-            "method": method, "trainer": rows[0]["trainer"], "seeds": sorted(r["seed"] for r in rows),
-            "mAP_mean": mean, "mAP_std": std, "gain": mean - base,
-            "gap_closed": (mean - base) / (teacher_map - base),
+            "method": method, "trainer": trainer, "recipe": recipe,
+            "seeds": sorted(r["seed"] for r in rows), "mAP_mean": mean, "mAP_std": std,
+            "gain": mean - base, "gap_closed": (mean - base) / (teacher_map - base),
             "chosen_weights": rows[0].get("chosen_weights"),
         })  # fmt: skip
-    summary.sort(key=lambda r: -r["mAP_mean"])
+    summary.sort(key=lambda r: (r["trainer"], r["recipe"], -r["mAP_mean"]))
     lines = [f"teacher (YOLO11n, detdistill's trainer): {teacher_map:.1f} mAP", "",
-             "| row | trainer | seeds | mAP | gain over our student alone | gap closed |",
+             "| trainer, recipe | row | seeds | mAP | gain over the student alone | gap closed |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in summary:
+        gain = "" if r["method"] in ("student alone", "ultralytics alone") else f"{r['gain']:+.1f}"
+        closed = "" if not gain else f"{100 * r['gap_closed']:.0f}%"
         lines.append(
-            f"| {r['method']} | {r['trainer']} | {len(r['seeds'])} | {r['mAP_mean']:.1f} "
-            f"± {r['mAP_std']:.1f} | {r['gain']:+.1f} | {100 * r['gap_closed']:.0f}% |"
+            f"| {r['trainer']}, {r['recipe']} | {r['method']} | {len(r['seeds'])} | "
+            f"{r['mAP_mean']:.1f} ± {r['mAP_std']:.1f} | {gain} | {closed} |"
         )
     emit({"benchmark": "yolo_table", **environment(), "teacher": teacher,
           "teacher_parity": parity, "summary": summary, "runs": runs}, args.out)  # fmt: skip
@@ -201,7 +209,8 @@ def main() -> None:
     train.add_argument("--threads", type=int, default=1)
     table = sub.add_parser("table", help="combine with detdistill's rows and write the JSON")
     table.add_argument("--workdir", default="runs/yolo_table")
-    table.add_argument("--ours", nargs="+", required=True, help="method_table.py JSON(s)")
+    table.add_argument("--ours", nargs="+", required=True, metavar="JSON[@RECIPE]",
+                       help="method_table.py JSON(s); @RECIPE labels rows of another recipe")  # fmt: skip
     table.add_argument("--out", default="benchmarks/results/digits_yolo_table.json")
     table.add_argument("--data", required=True, help="the YOLO data.yaml")
     table.add_argument("--teacher", required=True, help="the teacher as an Ultralytics .pt")
