@@ -76,12 +76,17 @@ def our_metrics(checkpoint: Path, data_yaml: Path, image_size: int) -> dict:
     return {k: 100 * result[k] for k in ("mAP", "AP50", "AP75")}
 
 
-def ultralytics_val(checkpoint: Path, data_yaml: Path, image_size: int) -> dict:
-    """Ultralytics' own validation of the same checkpoint (conf 0.001, IoU 0.7), in percent."""
+def ultralytics_val(checkpoint: Path, data_yaml: Path, image_size: int, rect: bool = True) -> dict:
+    """Ultralytics' own validation of the same checkpoint (conf 0.001, IoU 0.7), in percent.
+
+    ``rect=True`` is its default: each batch is letterboxed to
+    ``ceil(size / stride + 0.5) * stride``, so 128 px images are padded into
+    160 px; ``rect=False`` letterboxes to ``image_size`` as detdistill does.
+    """
     from ultralytics import YOLO
 
     metrics = YOLO(str(checkpoint)).val(
-        data=str(data_yaml), imgsz=image_size, batch=16, device="cpu", workers=0,
+        data=str(data_yaml), imgsz=image_size, batch=16, device="cpu", workers=0, rect=rect,
         plots=False, verbose=False, project=str(checkpoint.parent), name="val", exist_ok=True,
     )  # fmt: skip
     return {"mAP": 100 * float(metrics.box.map), "AP50": 100 * float(metrics.box.map50)}
@@ -143,6 +148,9 @@ def make_table(args: argparse.Namespace) -> None:
         "checkpoint": str(teacher_pt),
         "detdistill_cocoeval": our_metrics(teacher_pt, data_yaml, args.image_size),
         "ultralytics_val": ultralytics_val(teacher_pt, data_yaml, args.image_size),
+        "ultralytics_val_rect_false": ultralytics_val(
+            teacher_pt, data_yaml, args.image_size, False
+        ),
     }
     runs, teacher = [], None
     for item in args.ours:  # PATH, or PATH@RECIPE for rows trained with another recipe
@@ -163,11 +171,13 @@ def make_table(args: argparse.Namespace) -> None:
     summary = []
     for (trainer, recipe, method), rows in groups.items():
         mean, std = mean_std([r["mAP"] for r in rows])
-        # Each row against the student alone of its own trainer and recipe, seed for seed.
+        # Each row against the student alone of its own trainer and recipe, at the same seeds.
         alone = groups.get((trainer, recipe, "student alone")) or groups.get(
             (trainer, recipe, "ultralytics alone")
         )
-        base = mean_std([r["mAP"] for r in alone])[0] if alone else math.nan
+        alone_at = {r["seed"]: r["mAP"] for r in alone or []}
+        matched = [alone_at[r["seed"]] for r in rows if r["seed"] in alone_at]
+        base = mean_std(matched)[0] if matched else math.nan
         summary.append({
             "method": method, "trainer": trainer, "recipe": recipe,
             "seeds": sorted(r["seed"] for r in rows), "mAP_mean": mean, "mAP_std": std,
