@@ -183,6 +183,9 @@ class DistillConfig:
         default_factory=lambda: dict(DEFAULT_RATIOS), metadata=_RATIOS
     )
     auto_batches: int = field(default=DEFAULT_BATCHES, metadata=_POSITIVE)
+    # Lower an auto weight whose term outgrows 2x its target ratio during training
+    # (docs/weights.md, the guard); false keeps the weights chosen at the start, as before.
+    auto_guard: bool = True
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_half: bool = False
     teacher_channels_last: bool = True
