@@ -95,9 +95,7 @@ def _build_own_backbone_model(
     kwargs = {"num_classes": model_cfg.num_classes, "image_size": image_size, **model_cfg.kwargs}
     try:
         model = build_detector(model_cfg.name, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"model.kwargs: {exc}", "model.kwargs") from exc
-    except DetDistillError as exc:
+    except (TypeError, DetDistillError) as exc:
         raise ConfigError(f"model.kwargs: {exc}", "model.kwargs") from exc
     if model_cfg.weights is not None and pretrained:
         try:

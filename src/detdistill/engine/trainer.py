@@ -354,7 +354,7 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=self.amp):
             if self.distiller is not None:
                 before = len(self.distiller.weight_changes)
-                guarded = self.cfg.distill is not None and self.cfg.distill.auto_guard
+                guarded = self.cfg.distill.auto_guard  # a distiller means a distill section
                 losses = self.distiller(images, targets, step=self.step if guarded else None)
                 for change in self.distiller.weight_changes[before:]:
                     if self.dist.is_main:

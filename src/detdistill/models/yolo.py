@@ -100,13 +100,13 @@ class LetterboxTransform(nn.Module):
         """What teacher and student must agree on to see the same pixels."""
         return {"preprocessing": "letterbox", "size": self.size, "scale": "1/255"}
 
-    def geometry(self, height: int, width: int) -> tuple[float, int, int, int, int]:
-        """``(gain, new_h, new_w, top, left)`` of one image's letterbox."""
+    def geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(new_h, new_w, top, left)`` of one image's letterbox."""
         gain = self.size / max(height, width)
         new_h, new_w = round(height * gain), round(width * gain)
         top = round((self.size - new_h) / 2 - 0.1)
         left = round((self.size - new_w) / 2 - 0.1)
-        return gain, new_h, new_w, top, left
+        return new_h, new_w, top, left
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -115,7 +115,7 @@ class LetterboxTransform(nn.Module):
         moved = None if targets is None else []
         for i, image in enumerate(images):
             h, w = image.shape[-2:]
-            _, new_h, new_w, top, left = self.geometry(h, w)
+            new_h, new_w, top, left = self.geometry(h, w)
             if (new_h, new_w) != (h, w):
                 image = F.interpolate(
                     image[None], size=(new_h, new_w), mode="bilinear", align_corners=False
@@ -140,7 +140,7 @@ class LetterboxTransform(nn.Module):
         del image_sizes  # every image has the same padded frame
         out = []
         for det, (h, w) in zip(detections, original_sizes, strict=True):
-            _, new_h, new_w, top, left = self.geometry(h, w)
+            new_h, new_w, top, left = self.geometry(h, w)
             boxes = det["boxes"] - torch.tensor([left, top, left, top]).to(det["boxes"])
             boxes = boxes / torch.tensor([new_w / w, new_h / h] * 2).to(boxes)
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
@@ -276,10 +276,6 @@ class YOLODetector(nn.Module):
     def feature_channels(self) -> tuple[int, ...]:
         """Width of each level's neck feature (the Detect head's inputs)."""
         return tuple(branch[0].conv.in_channels for branch in self.detect.cv2)
-
-    @property
-    def out_channels(self) -> int:
-        return max(self.feature_channels)
 
     # The towers are per level, not shared: tower adapters follow them.
     towers_shared = False
