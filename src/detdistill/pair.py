@@ -69,13 +69,15 @@ def run_pair(
     student.check_targets(images, targets)
     image_list, batch_targets = student.transform(images, targets)
     tensors, sizes = image_list.tensors, image_list.image_sizes
-    # Student first. Teacher first lowers the peak (its activations are freed before
-    # the student's are made: 32 MiB less peak RSS for ResNet-50 -> ResNet-18 at 320 px,
-    # batch 2) but made that step 6% slower on CPU in two interleaved A/B runs.
+    # Teacher first: its activations are freed as it goes (inference mode), so it
+    # runs on a quiet heap. After the student's forward, whose activations stay
+    # alive for backward, the YOLO11n teacher's forward took 57 ms instead of 49
+    # (CPU, 128 px, batch 16): the step is 6% faster this way, the RetinaNet pairs
+    # are unchanged (0.996x, 0.997x), and the peak is lower.
+    teacher_output = (teacher_forward or _plain_teacher(teacher))(tensors, sizes)
     output, adapted, tower = (student_forward or _plain_student(student))(
         tensors, sizes, batch_targets
     )
-    teacher_output = (teacher_forward or _plain_teacher(teacher))(tensors, sizes)
     return DistillBatch(
         student=output,
         teacher=teacher_output,
