@@ -20,6 +20,7 @@ from detdistill.engine.config import (
     parse_override,
     save_config,
 )
+from detdistill.engine.validate import validate_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
@@ -297,11 +298,26 @@ def test_wrong_type_in_a_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_bad_literal_lists_the_choices() -> None:
-    message = error_of(apply_overrides, Config(), ["train.optimizer=adam"])
-    assert "train.optimizer: expected one of 'sgd', 'adamw', got str 'adam'" in message
-    assert "did you mean 'adamw'" in message
-    assert "data.format: expected one of 'embedded', 'coco', 'voc', 'yolo'" in error_of(
-        apply_overrides, Config(), ["data.format=darknet"]
+    message = error_of(
+        apply_overrides,
+        Config(),
+        ["distill.teacher_checkpoint=t", "distill.auto_ratio={feature: 2}"],
+    )
+    assert "expected one of 'features', 'outputs', got str 'feature'" in message
+    assert "did you mean 'features'" in message
+
+
+def test_unknown_registered_name_lists_the_registered_ones() -> None:
+    """Format, optimizer and schedule are registry names, checked before any work."""
+    message = error_of(validate_config, apply_overrides(Config(), ["train.optimizer=adam"]))
+    assert message.startswith("train.optimizer: unknown optimizer 'adam'; registered optimizers: ")
+    assert "adamw, sgd" in message and "did you mean 'adamw'" in message
+    message = error_of(validate_config, apply_overrides(Config(), ["data.format=darknet"]))
+    assert "data.format: unknown data format 'darknet'" in message
+    assert "coco, embedded, voc, yolo" in message and len(message.splitlines()) == 1
+    message = error_of(validate_config, apply_overrides(Config(), ["train.schedule=linear"]))
+    assert (
+        "train.schedule: unknown schedule 'linear'; registered schedules: cosine, step" in message
     )
 
 

@@ -235,6 +235,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from detdistill.data import EMBEDDED_DATASETS
+
     parser = argparse.ArgumentParser(
         prog="detdistill",
         description="Knowledge distillation for one-stage object detectors (Rank Mimicking, PFI and baselines).",
@@ -337,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     make = data_sub.add_parser(
         "make", help="write an embedded data set in COCO (default) or YOLO format"
     )
-    make.add_argument(
-        "name", choices=["digits", "digits_large", "shapes"], help="which embedded set"
-    )
+    make.add_argument("name", choices=EMBEDDED_DATASETS.names(), help="which embedded set")
     make.add_argument("--out", required=True, help="output folder")
     make.add_argument(
         "--format",

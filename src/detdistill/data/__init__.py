@@ -8,7 +8,12 @@ image), contiguous ``labels``, ``image_id``, ``orig_size`` and ``size``.
 from detdistill.data.base import DetectionDataset, ImageRecord
 from detdistill.data.classes import VOC_CLASSES, check_class_names, resolve_class_names
 from detdistill.data.coco import CocoDetection
-from detdistill.data.embedded import EMBEDDED_DATASETS, embedded_dir, make_embedded
+from detdistill.data.embedded import (
+    EMBEDDED_DATASETS,
+    embedded_dir,
+    make_embedded,
+    register_embedded,
+)
 from detdistill.data.errors import (
     AnnotationFormatError,
     ClassMismatchError,
@@ -43,6 +48,7 @@ __all__ = [
     "load_data_yaml",
     "make_embedded",
     "parse_voc_xml",
+    "register_embedded",
     "resolve_class_names",
     "write_yolo",
 ]

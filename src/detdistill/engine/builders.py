@@ -7,6 +7,7 @@ Kept apart from the training loop so that ``eval``, ``doctor``, ``analyze`` and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from detdistill.data import (
+    EMBEDDED_DATASETS,
     CocoDetection,
     VOCDetection,
     YoloDetection,
@@ -26,7 +29,13 @@ from detdistill.data import (
 )
 from detdistill.data.tiles import TiledDataset, TileSettings
 from detdistill.engine.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
-from detdistill.engine.config import ConfigError, DataConfig, ModelConfig, config_section
+from detdistill.engine.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    config_section,
+    registered,
+)
 from detdistill.engine.distributed import get_rank, get_world_size
 from detdistill.engine.sampling import ResumableBatchSampler
 from detdistill.errors import DetDistillError
@@ -35,6 +44,7 @@ from detdistill.models.backbones import BackboneArgumentError
 from detdistill.models.detector_weights import DetectorWeightsError, load_detector_weights
 from detdistill.models.registry import DETECTORS
 from detdistill.models.yolo import YOLODetector
+from detdistill.registry import Registry
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 log = logging.getLogger(__name__)
@@ -112,8 +122,96 @@ class DataSplits:
     class_names: list[str]
 
 
+#: A data format's builder: ``(data section, train transforms, val transforms, train)`` to
+#: ``(train set, val set)``; with ``train=False`` only the validation set is needed and the
+#: builder may return it in both places (evaluation of a checkpoint).
+DataFormat = Callable[[DataConfig, v2.Compose, v2.Compose, bool], tuple[Dataset, Dataset]]
+
+#: ``data.format`` names. A user's module (``imports:``) adds one with
+#: ``@register_data_format("name")``; the val set's class names are the run's.
+DATA_FORMATS: Registry[DataFormat] = Registry("data format")
+register_data_format = DATA_FORMATS.register
+
+
+@register_data_format("embedded")
+def _embedded(
+    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+) -> tuple[Dataset, Dataset]:
+    """A generated set (:mod:`detdistill.data.embedded`), made once per setting under ``data.root``."""
+    registered(EMBEDDED_DATASETS, data_cfg.name, "data.name")
+    settings = {
+        "num_train": data_cfg.num_train,
+        "num_val": data_cfg.num_val,
+        "seed": data_cfg.seed,
+        "image_size": data_cfg.image_size,
+    }
+    folder = embedded_dir(data_cfg.root, data_cfg.name, **settings)
+    paths = make_embedded(data_cfg.name, folder, **settings)
+    train_set = CocoDetection(paths["train_images"], paths["train_annotations"], train_tf)
+    val_set = CocoDetection(
+        paths["val_images"], paths["val_annotations"], val_tf, class_names=train_set.class_names
+    )
+    return train_set, val_set
+
+
+@register_data_format("coco")
+def _coco(
+    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+) -> tuple[Dataset, Dataset]:
+    """COCO JSON and image folders; the training pair is only required when training."""
+    missing = [
+        key
+        for key in ("train_images", "train_annotations", "val_images", "val_annotations")
+        if getattr(data_cfg, key) is None and (train or key.startswith("val"))
+    ]
+    if missing:
+        raise ConfigError(f"data.format=coco needs data.{', data.'.join(missing)}")
+    val_set = CocoDetection(data_cfg.val_images, data_cfg.val_annotations, val_tf)
+    if not train:
+        return val_set, val_set
+    train_set = CocoDetection(
+        data_cfg.train_images, data_cfg.train_annotations, train_tf, class_names=val_set.class_names
+    )
+    return train_set, val_set
+
+
+@register_data_format("yolo")
+def _yolo(
+    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+) -> tuple[Dataset, Dataset]:
+    """An Ultralytics ``data.yaml``; ``train_split``/``val_split`` name its keys."""
+    if data_cfg.yaml is None:
+        raise ConfigError("data.format=yolo needs data.yaml")
+    val_set = YoloDetection(data_cfg.yaml, data_cfg.val_split, val_tf)
+    if not train:
+        return val_set, val_set
+    train_set = YoloDetection(
+        data_cfg.yaml, data_cfg.train_split, train_tf, class_names=val_set.class_names
+    )
+    return train_set, val_set
+
+
+@register_data_format("voc")
+def _voc(
+    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+) -> tuple[Dataset, Dataset]:
+    """A VOC root (``JPEGImages``, ``Annotations``, ``ImageSets/Main``) in ``data.root``."""
+    val_set = VOCDetection(data_cfg.root, data_cfg.val_split, transforms=val_tf)
+    if not train:
+        return val_set, val_set
+    train_set = VOCDetection(
+        data_cfg.root, data_cfg.train_split, class_names=val_set.class_names, transforms=train_tf
+    )
+    return train_set, val_set
+
+
 def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
-    """Training and validation sets of a ``data`` section (embedded sets are generated once)."""
+    """Training and validation sets of a ``data`` section, by its registered ``data.format``.
+
+    The transforms and tiling are the same for every format, so they are
+    decided here and each format only reads its files.
+    """
+    read = registered(DATA_FORMATS, data_cfg.format, "data.format")
     tiles = data_cfg.tiles
     if tiles is not None and data_cfg.multiscale:
         raise ConfigError("data.tiles and data.multiscale cannot be combined: tiles keep the scale")
@@ -124,61 +222,7 @@ def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
         val_tf = build_transforms(False, data_cfg.image_size)
     else:  # native resolution: tiles are cut from the images, evaluation is sliced
         train_tf = val_tf = build_transforms(False, None)
-    if data_cfg.format == "embedded":
-        settings = {
-            "num_train": data_cfg.num_train,
-            "num_val": data_cfg.num_val,
-            "seed": data_cfg.seed,
-            "image_size": data_cfg.image_size,
-        }
-        folder = embedded_dir(data_cfg.root, data_cfg.name, **settings)
-        paths = make_embedded(data_cfg.name, folder, **settings)
-        train_set = CocoDetection(paths["train_images"], paths["train_annotations"], train_tf)
-        val_set = CocoDetection(
-            paths["val_images"], paths["val_annotations"], val_tf, class_names=train_set.class_names
-        )
-    elif data_cfg.format == "coco":
-        missing = [
-            key
-            for key in ("train_images", "train_annotations", "val_images", "val_annotations")
-            if getattr(data_cfg, key) is None and (train or key.startswith("val"))
-        ]
-        if missing:
-            raise ConfigError(f"data.format=coco needs data.{', data.'.join(missing)}")
-        val_set = CocoDetection(data_cfg.val_images, data_cfg.val_annotations, val_tf)
-        train_set = (
-            CocoDetection(
-                data_cfg.train_images,
-                data_cfg.train_annotations,
-                train_tf,
-                class_names=val_set.class_names,
-            )
-            if train
-            else val_set
-        )
-    elif data_cfg.format == "yolo":
-        if data_cfg.yaml is None:
-            raise ConfigError("data.format=yolo needs data.yaml")
-        val_set = YoloDetection(data_cfg.yaml, data_cfg.val_split, val_tf)
-        train_set = (
-            YoloDetection(
-                data_cfg.yaml, data_cfg.train_split, train_tf, class_names=val_set.class_names
-            )
-            if train
-            else val_set
-        )
-    else:
-        val_set = VOCDetection(data_cfg.root, data_cfg.val_split, transforms=val_tf)
-        train_set = (
-            VOCDetection(
-                data_cfg.root,
-                data_cfg.train_split,
-                class_names=val_set.class_names,
-                transforms=train_tf,
-            )
-            if train
-            else val_set
-        )
+    train_set, val_set = read(data_cfg, train_tf, val_tf, train)
     if tiles is not None and train:
         settings = TileSettings(
             tiles.size, tiles.per_image, tiles.min_visible, tiles.object_centred

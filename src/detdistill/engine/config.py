@@ -38,12 +38,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -56,6 +57,8 @@ from detdistill.engine.config_schema import (
     TileConfig,
     TrainConfig,
 )
+from detdistill.errors import UnknownNameError
+from detdistill.registry import Registry
 
 __all__ = [
     "Config",
@@ -70,10 +73,14 @@ __all__ = [
     "config_section",
     "config_to_dict",
     "dump_config",
+    "import_modules",
     "load_config",
     "parse_override",
+    "registered",
     "save_config",
 ]
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------
@@ -492,3 +499,37 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_config(cfg), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------
+# Names: registries and the user's own modules
+
+
+def registered(registry: Registry[T], name: str, key: str) -> T:
+    """``registry.get(name)``, its unknown-name error turned into one naming the config ``key``.
+
+    Every named thing in a config is looked up through here, so a typo reads
+    ``train.optimizer: unknown optimizer 'adam'; registered optimizers: adamw, sgd ...``.
+    """
+    try:
+        return registry.get(name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"{key}: {exc}", key) from None
+
+
+def import_modules(modules: Iterable[str], key: str = "imports") -> None:
+    """Import each module by name, for what it registers (methods, detectors, data formats, ...).
+
+    A module that cannot be imported, or that raises while it is imported, is a
+    one-line :class:`ConfigError` naming ``key`` and the module (the original
+    error is chained, for ``--debug``). Importing is idempotent, so every
+    place that needs the names may call this.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # the user's module: any error it raises is reported
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(
+                f"{key}: cannot import module {module!r}: {type(exc).__name__}: {reason}", key
+            ) from exc

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from detdistill.auto_weights import DEFAULT_BATCHES, DEFAULT_RATIOS
+from detdistill.distill.auto_weights import DEFAULT_BATCHES, DEFAULT_RATIOS
 from detdistill.errors import DetDistillError
 
 __all__ = [
@@ -77,7 +77,9 @@ class TileConfig:
 class DataConfig:
     """Where the images come from and how they are batched (per process)."""
 
-    format: Literal["embedded", "coco", "voc", "yolo"] = "embedded"
+    # A registered data format (DATA_FORMATS in detdistill.engine.builders): checked
+    # by name in detdistill.engine.validate, so that a plug-in's format is accepted.
+    format: str = "embedded"
     name: str = "digits"
     root: str = ".cache/detdistill/data"
     # Which embedded data set: its own seed, not the run's, so that runs with
@@ -141,11 +143,13 @@ class TrainConfig:
     """Optimisation schedule; ``max_steps`` stops early for smoke runs."""
 
     epochs: int = field(default=12, metadata=_POSITIVE)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # Registered names (OPTIMIZERS and SCHEDULES in detdistill.engine.optim), checked in
+    # detdistill.engine.validate like data.format.
+    optimizer: str = "sgd"
     lr: float = field(default=0.01, metadata=_POSITIVE)
     momentum: float = field(default=0.9, metadata=_PROBABILITY)
     weight_decay: float = field(default=1e-4, metadata=_NON_NEGATIVE)
-    schedule: Literal["cosine", "step"] = "cosine"
+    schedule: str = "cosine"
     milestones: list[int] = field(default_factory=lambda: [8, 11])
     gamma: float = field(default=0.1, metadata=_POSITIVE)
     warmup_iters: int = field(default=100, metadata=_NON_NEGATIVE)
@@ -167,7 +171,7 @@ class DistillConfig:
     gradient on the student parameters it reaches is ``auto_ratio[kind]`` times
     the detection loss's, measured on the first ``auto_batches`` batches; the
     kind is ``features`` or ``outputs``, what the method imitates
-    (:mod:`detdistill.auto_weights`). ``teacher_model`` may be left out: the
+    (:mod:`detdistill.distill.auto_weights`). ``teacher_model`` may be left out: the
     teacher checkpoint stores its own config, which is the safest description
     of the weights it holds. ``teacher_half``, ``teacher_channels_last`` and
     ``teacher_compile`` choose how the frozen teacher runs
@@ -194,8 +198,16 @@ class DistillConfig:
 
 @dataclass
 class Config:
-    """One run: data, model, optimisation and (optionally) distillation."""
+    """One run: data, model, optimisation and (optionally) distillation.
 
+    ``imports`` names modules (``my_package.my_methods``) that register methods,
+    detectors, data formats, ... of the user's own; they are imported before the
+    config's names are checked (:func:`detdistill.engine.validate.validate_config`)
+    and before a checkpoint of the run is rebuilt, so those names work like
+    built-in ones.
+    """
+
+    imports: list[str] = field(default_factory=list)
     seed: int = 0
     output_dir: str = "runs/run"
     device: str = field(default="auto", metadata=_DEVICE)

@@ -1,14 +1,18 @@
 """Checks of a whole run config that need the registries, made before any work starts.
 
 The schema (:mod:`detdistill.engine.config_schema`) checks types and ranges
-as the config is read; names (detectors, distillation methods) and method
-options can only be checked against what is registered. Doing it here, first,
-means a typo costs one line and no data loading or teacher evaluation.
+as the config is read; names (detectors, distillation methods, the data
+format, the optimizer and schedule) and method options can only be checked
+against what is registered. Doing it here, first, means a typo costs one line
+and no data loading or teacher evaluation.
 """
 
 from __future__ import annotations
 
+from detdistill.engine.builders import DATA_FORMATS
+from detdistill.engine.config import registered
 from detdistill.engine.config_schema import Config, ConfigError
+from detdistill.engine.optim import OPTIMIZERS, SCHEDULES
 from detdistill.errors import UnknownNameError
 from detdistill.losses import build_method
 from detdistill.models.registry import DETECTORS
@@ -18,14 +22,14 @@ __all__ = ["validate_config"]
 
 def validate_config(cfg: Config) -> None:
     """Raise :class:`ConfigError` naming the key of the first unknown name or bad method option."""
+    registered(DATA_FORMATS, cfg.data.format, "data.format")
+    registered(OPTIMIZERS, cfg.train.optimizer, "train.optimizer")
+    registered(SCHEDULES, cfg.train.schedule, "train.schedule")
     models = {"model.name": cfg.model}
     if cfg.distill is not None and cfg.distill.teacher_model is not None:
         models["distill.teacher_model.name"] = cfg.distill.teacher_model
     for key, model in models.items():
-        try:
-            DETECTORS.get(model.name)
-        except UnknownNameError as exc:
-            raise ConfigError(f"{key}: {exc}", key) from None
+        registered(DETECTORS, model.name, key)
     if cfg.distill is None:
         return
     options = cfg.distill.method_options

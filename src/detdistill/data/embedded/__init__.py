@@ -32,6 +32,7 @@ from PIL import Image
 from detdistill.data.embedded import digits, digits_large, shapes
 from detdistill.data.embedded.cache import FORMAT, build_atomically, read_manifest
 from detdistill.data.embedded.render import to_uint8
+from detdistill.registry import Registry
 
 logger = logging.getLogger("detdistill.data")
 
@@ -49,17 +50,23 @@ class EmbeddedSpec:
     generate_scene: Callable[[np.random.Generator, int, str], tuple[np.ndarray, list, list]]
 
 
-def _spec(name: str, module: ModuleType) -> EmbeddedSpec:
-    return EmbeddedSpec(
+#: ``data.name`` (with ``data.format: embedded``) and ``detdistill data make`` names.
+EMBEDDED_DATASETS: Registry[EmbeddedSpec] = Registry("embedded data set")
+
+
+def register_embedded(name: str, module: ModuleType) -> EmbeddedSpec:
+    """Register a generator module: it defines ``CLASS_NAMES``, ``FILE_EXT``, ``VERSION``
+    and ``generate_scene(rng, image_size, split)`` (see :mod:`~detdistill.data.embedded.shapes`).
+    """
+    spec = EmbeddedSpec(
         name, module.CLASS_NAMES, module.FILE_EXT, module.VERSION, module.generate_scene
     )
+    return EMBEDDED_DATASETS.register(name)(spec)
 
 
-EMBEDDED_DATASETS: dict[str, EmbeddedSpec] = {
-    "shapes": _spec("shapes", shapes),
-    "digits": _spec("digits", digits),
-    "digits_large": _spec("digits_large", digits_large),
-}
+register_embedded("shapes", shapes)
+register_embedded("digits", digits)
+register_embedded("digits_large", digits_large)
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -163,17 +170,14 @@ def make_embedded(
     manifest matches ``name``/sizes/seed/generator version (and whose files are
     all there) is reused; otherwise it is regenerated and swapped in atomically.
     Same arguments give byte-identical annotation files. A folder that is not
-    ours is never overwritten (``FileExistsError``).
+    ours is never overwritten (``FileExistsError``). ``name`` is looked up in
+    :data:`EMBEDDED_DATASETS` (an unknown one lists the registered sets).
     """
-    if name not in EMBEDDED_DATASETS:
-        raise ValueError(
-            f"unknown embedded data set {name!r}; choose from {sorted(EMBEDDED_DATASETS)}"
-        )
+    spec = EMBEDDED_DATASETS.get(name)
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
-    spec = EMBEDDED_DATASETS[name]
     out = Path(out_dir)
     wanted = {
         "format": FORMAT,
