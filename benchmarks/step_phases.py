@@ -5,7 +5,7 @@
 For a pair of ``step_overhead.py``, on one fixed batch and in one process,
 interleaved turn by turn: the plain student step timed as forward (with its
 loss), backward and optimizer step, followed by the teacher's forward; and the
-distillation step timed as the pair's forward (:func:`detdistill.pair.run_pair`,
+distillation step timed as the pair's forward (``Distiller.run_pair``,
 student with adapters and teacher), the distillation terms' forward, the
 backward of everything, and the optimizer step. Medians in milliseconds;
 ``extra_ms`` is each distillation phase minus its plain counterpart, which
@@ -21,13 +21,12 @@ from collections import defaultdict
 
 import torch
 
-from detdistill.pair import run_pair
 from step_overhead import NUM_CLASSES, build_pair, make_batch, run_over_pairs
 
 
 def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> dict:
     distiller = build_pair(spec, methods)
-    student, teacher = distiller.student, distiller.teacher
+    student = distiller.student
     images, targets = make_batch(spec["size"], spec["batch"], NUM_CLASSES)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=1e-4, momentum=0.9)
     image_list, _ = student.transform(images, [dict(t) for t in targets])
@@ -55,8 +54,7 @@ def measure(name: str, spec: dict, methods: dict[str, float], repeats: int) -> d
 
     def distill() -> None:
         start = time.perf_counter()
-        batch = run_pair(student, teacher, images, targets,
-                         student_forward=distiller.branch, teacher_forward=distiller.teacher_outputs)  # fmt: skip
+        batch = distiller.run_pair(images, targets)
         pair_end = time.perf_counter()
         losses = dict(batch.student.losses)
         for method_name, method in distiller.methods.items():

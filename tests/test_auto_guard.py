@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from detdistill.auto_weights import (
+from detdistill.distill import Distiller
+from detdistill.distill.auto_weights import (
     GUARD_EVERY,
     GUARD_TOLERANCE,
     guard_due,
     guard_weights,
     measure_gradients,
 )
-from detdistill.distill import Distiller
 from test_distill import batch, tiny
 
 

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from detdistill.auto_weights import (
+from detdistill.distill import Distiller
+from detdistill.distill.auto_weights import (
     DEFAULT_RATIOS,
     WeightError,
     choose_weights,
     measure_gradients,
     parse_weight,
 )
-from detdistill.distill import Distiller
 from detdistill.engine.config import ConfigError, load_config
 from detdistill.engine.metrics_log import read_metrics
 from detdistill.engine.presets import load_preset_or_file, preset_path
@@ -138,7 +138,7 @@ def test_bad_weights_in_configs_are_one_line_errors_naming_the_key(override, mes
 
 
 def test_ratio_kinds_are_checked_and_default():
-    from detdistill.auto_weights import check_ratios
+    from detdistill.distill.auto_weights import check_ratios
 
     assert check_ratios({"outputs": 1}) == {**DEFAULT_RATIOS, "outputs": 1.0}
     with pytest.raises(

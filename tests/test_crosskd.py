@@ -118,7 +118,7 @@ def test_crosskd_runs_the_student_tower_through_the_teachers_last_convs():
         t_out = teacher.forward_batch(tensors, sizes)
     cls_tower, reg_tower = student.head_towers()
     # a tower shared over levels gets one adapter per branch, shared over levels too
-    (cls_adapter,), (reg_adapter,) = distiller.branch.tower_adapters
+    (cls_adapter,), (reg_adapter,) = distiller.adapters["tower1"]
     t_cls_tower, t_reg_tower = teacher.head_towers()
     assert student.tower_depth == 4 and teacher.tower_depth == 2
     cross_cls, cross_reg = [], []
@@ -159,7 +159,7 @@ def test_crosskd_of_a_student_equal_to_its_teacher_has_no_gradient(detector):
 
 
 def test_crosskd_names_the_tower_it_cannot_reuse():
-    with pytest.raises(IncompatibleModelsError, match=r"crosskd reuses the teacher's last 3"):
+    with pytest.raises(IncompatibleModelsError, match=r"crosskd reads the head towers before their last 3"):
         Distiller(
             tiny(width=8), tiny(width=16, num_convs=2), {"crosskd": 1.0},
             method_options={"crosskd": {"teacher_convs": 3}},

@@ -72,7 +72,8 @@ def test_distillation_step_every_method(detector):
     trainable = {id(p) for p in distiller.trainable_parameters()}
     assert trainable == {id(p) for p in distiller.branch.parameters() if p.requires_grad}
     assert any(
-        p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.adapters.parameters()
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in distiller.adapters["neck"].parameters()
     )
     after = distiller.teacher.state_dict()
     for key, value in before.items():
@@ -120,7 +121,7 @@ def test_weights_scale_the_terms():
 
 def test_same_channels_use_identity_adapters():
     distiller = Distiller(tiny(width=8), tiny(width=8), {"fitnet": 1.0})
-    assert all(isinstance(a, torch.nn.Identity) for a in distiller.adapters)
+    assert all(isinstance(a, torch.nn.Identity) for a in distiller.adapters["neck"])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -146,9 +147,9 @@ def test_pointwise_adapter_is_a_1x1_conv(channels_last):
 
 def test_different_channels_use_pointwise_adapters():
     distiller = Distiller(tiny(width=4), tiny(width=8), {"fitnet": 1.0})
-    assert [type(a) for a in distiller.adapters] == [PointwiseAdapter] * 3
+    assert [type(a) for a in distiller.adapters["neck"]] == [PointwiseAdapter] * 3
     expected = (distiller.teacher.out_channels, distiller.student.out_channels)
-    assert tuple(distiller.adapters[0].weight.shape[:2]) == expected
+    assert tuple(distiller.adapters["neck"][0].weight.shape[:2]) == expected
 
 
 @pytest.mark.parametrize(

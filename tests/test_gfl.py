@@ -162,12 +162,12 @@ def test_localization_distillation_gradcheck():
 
 
 def test_ld_region_adds_the_valuable_localisation_region_to_the_positives():
+    from detdistill.distill import Distiller
     from detdistill.losses import build_method
-    from detdistill.pair import run_pair
     from test_distill import batch
 
     student, teacher = tiny("gfl", 8), tiny("gfl", 16)
-    pair = run_pair(student.train(), teacher.eval(), *batch())
+    pair = Distiller(student, teacher, {}).train().run_pair(*batch())
     vlr, positives = (
         build_method("ld")._region(pair),
         build_method("ld", region="positives")._region(pair),

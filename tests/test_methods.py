@@ -7,6 +7,7 @@ import torch
 from torchvision.ops import box_iou
 
 from detdistill.losses import (
+    NECK,
     DistillBatch,
     build_method,
     flatten_levels,
@@ -76,7 +77,9 @@ def make_batch(equal: bool = False, seed: int = 0) -> DistillBatch:
         {"boxes": boxes, "labels": labels}
         for boxes, labels in zip(gt_boxes, gt_labels, strict=True)
     ]
-    return DistillBatch(student, teacher, student_feats, targets, torch.zeros(n, 3, 32, 32))
+    return DistillBatch(
+        student, teacher, targets, torch.zeros(n, 3, 32, 32), taps={NECK: student_feats}
+    )
 
 
 def test_registry_lists_the_spec_methods():
@@ -88,7 +91,7 @@ def test_registry_lists_the_spec_methods():
 # Methods that run the teacher's head (tests/test_crosskd.py) or read edge distributions
 # (tests/test_gfl.py) need real detectors.
 TENSOR_METHODS = [
-    m for m in list_methods() if build_method(m).teacher_tower_convs() is None and m != "ld"
+    m for m in list_methods() if all(t.where == "neck" for t in build_method(m).taps) and m != "ld"
 ]
 
 
@@ -99,7 +102,7 @@ def test_every_method_is_finite_has_gradients_and_is_zero_when_equal(name):
     loss = method(batch)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
-    grads = [t.grad for t in batch.student_feats + batch.student.cls_logits if t.grad is not None]
+    grads = [t.grad for t in batch.tapped(NECK) + batch.student.cls_logits if t.grad is not None]
     assert grads and any(gr.abs().sum() > 0 for gr in grads)
     assert all(t.grad is None for t in batch.teacher.features + batch.teacher.cls_logits)
     assert method(make_batch(equal=True)).item() == pytest.approx(0.0, abs=1e-7)
@@ -237,10 +240,10 @@ def test_pkd_is_one_minus_pearson_correlation_per_channel():
     batch = make_batch()
     loss = build_method("pkd")(batch)
     assert loss.item() == pytest.approx(
-        pearson_reference(batch.student_feats, batch.teacher.features), rel=1e-5
+        pearson_reference(batch.tapped(NECK), batch.teacher.features), rel=1e-5
     )
     # Correlation ignores each channel's scale and offset: 0 for an affine copy.
-    batch.teacher.features = [3 * f.detach() + 7 for f in batch.student_feats]
+    batch.teacher.features = [3 * f.detach() + 7 for f in batch.tapped(NECK)]
     assert build_method("pkd")(batch).item() == pytest.approx(0.0, abs=1e-5)
 
 
@@ -252,7 +255,7 @@ def test_pkd_gradcheck():
     method = build_method("pkd")
 
     def loss(f):
-        batch.student_feats, batch.teacher.features = [f], teacher
+        batch.taps[NECK], batch.teacher.features = [f], teacher
         return method(batch).double()
 
     assert torch.autograd.gradcheck(loss, (student[0],))

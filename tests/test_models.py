@@ -28,7 +28,7 @@ from detdistill.models import (
     list_backbones,
     list_detectors,
 )
-from detdistill.models.atss import atss_assign
+from detdistill.models.assigners import atss_assign
 from detdistill.models.backbones import _resolve_weights
 
 DETECTORS = FPN_DETECTORS

@@ -10,7 +10,6 @@ import torch
 from conftest import FPN_DETECTORS
 from detdistill.distill import Distiller
 from detdistill.models import build_detector
-from detdistill.pair import run_pair
 
 LEVELS = (3, 4, 5, 6, 7)
 
@@ -55,10 +54,10 @@ def test_levels_round_up_and_anchors_stay_on_the_stride_grid(name, height, width
 def test_distillation_aligns_teacher_and_student_at_odd_sizes():
     student, teacher = five_level("retinanet", 4, 333), five_level("retinanet", 8, 333)
     image, targets = torch.rand(3, 333, 500), targets_for(333, 500)
-    pair = run_pair(student.train(), teacher.eval(), [image], targets)
+    distiller = Distiller(student, teacher, {"rm": 1.0, "pfi": 1.0, "crosskd": 1.0}).train()
+    pair = distiller.run_pair([image], targets)
     for s, t in zip(pair.student.features, pair.teacher.features, strict=True):
         assert s.shape[-2:] == t.shape[-2:]
-    distiller = Distiller(student, teacher, {"rm": 1.0, "pfi": 1.0, "crosskd": 1.0}).train()
     losses = distiller([image], targets)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()

@@ -1,13 +1,13 @@
-"""run_pair: the one path of a batch through teacher and student, and what methods receive."""
+"""Distiller.run_pair: the one path of a batch through teacher and student, and what methods receive."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from detdistill.distill import Distiller
-from detdistill.losses import DistillMethod
-from detdistill.pair import run_pair
+from detdistill.distill import Distiller, IncompatibleModelsError
+from detdistill.losses import NECK, DistillMethod, tower
+from detdistill.losses.methods import METHODS
 from test_distill import batch, tiny
 
 
@@ -26,17 +26,18 @@ def test_bad_targets_fail_as_in_plain_training(bad, message):
         student(images, targets)
     calls = []
     teacher.register_forward_pre_hook(lambda *_: calls.append(1))
+    distiller = Distiller(student, teacher, {"fitnet": 1.0}, teacher_channels_last=False)
     with pytest.raises(ValueError, match=message):
-        run_pair(student, teacher, images, targets)
+        distiller.run_pair(images, targets)
     assert calls == []  # checked before either network ran
     with pytest.raises(ValueError, match=message):
-        Distiller(student, teacher, {"fitnet": 1.0})(images, targets)
+        distiller(images, targets)
 
 
 def test_both_networks_see_one_tensor_and_the_teacher_output_is_detached():
-    student, teacher = tiny(width=8).train(), tiny(width=16).eval()
+    student, teacher = tiny(width=8), tiny(width=16)
     images, targets = batch()
-    pair = run_pair(student, teacher, images, targets)
+    pair = Distiller(student, teacher, {}).train().run_pair(images, targets)
     image_list, moved = student.transform(images, targets)
     assert torch.equal(pair.images, image_list.tensors)
     for got, want in zip(pair.targets, moved, strict=True):
@@ -55,19 +56,18 @@ class TeacherHeadOnStudentFeatures(DistillMethod):
     """A method that needs the pair: the frozen teacher head run on adapted student features."""
 
     imitates = "outputs"
+    taps = (NECK,)
 
     def forward(self, batch):
-        cross, _, _ = batch.teacher_model.head_forward(batch.student_feats)
+        cross, _, _ = batch.teacher_model.head_forward(batch.tapped(NECK))
         return sum(
             (c - t).pow(2).mean() for c, t in zip(cross, batch.teacher.cls_logits, strict=True)
         )
 
 
-def test_a_method_can_run_the_teacher_head_and_the_teacher_stays_untouched():
-    distiller = Distiller(tiny(width=8), tiny(width=16), {"fitnet": 1.0})
-    distiller.methods["cross"] = TeacherHeadOnStudentFeatures()
-    distiller.weights["cross"] = 1.0
-    distiller.train()
+def test_a_method_can_run_the_teacher_head_and_the_teacher_stays_untouched(monkeypatch):
+    monkeypatch.setitem(METHODS._items, "cross", TeacherHeadOnStudentFeatures)
+    distiller = Distiller(tiny(width=8), tiny(width=16), {"cross": 1.0}).train()
     before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
     losses = distiller(*batch())
@@ -84,6 +84,28 @@ def test_a_method_can_run_the_teacher_head_and_the_teacher_stays_untouched():
     assert all(g is not None and g.abs().sum() > 0 for g in adapter_grads)
 
 
-def test_a_distiller_needs_a_method():
-    with pytest.raises(ValueError, match="at least one method"):
-        Distiller(tiny(width=8), tiny(width=16), {})
+def test_adapters_are_built_for_the_declared_taps_only():
+    student, teacher = tiny(width=8), tiny(width=16)
+    assert list(Distiller(student, teacher, {"rm": 1.0}).adapters) == []
+    assert list(Distiller(student, teacher, {"rm": 1.0, "pfi": 1.0}).adapters) == ["neck"]
+    both = Distiller(student, teacher, {"pfi": 1.0, "crosskd": 1.0})
+    assert list(both.adapters) == ["neck", "tower1"]
+    batch_ = both.train().run_pair(*batch())
+    assert set(batch_.taps) == {NECK, tower(1)}
+    assert [f.shape[1] for f in batch_.tapped(NECK)] == list(teacher.feature_channels)
+    with pytest.raises(KeyError, match="no 'tower2' tap in this batch"):
+        batch_.tapped(tower(2))
+
+
+def test_methods_that_disagree_on_the_tower_depth_are_refused(monkeypatch):
+    class DeepTower(DistillMethod):
+        taps = (tower(2),)
+
+        def forward(self, batch):
+            return batch.tapped(tower(2))[0][0].sum()
+
+    monkeypatch.setitem(METHODS._items, "deep", DeepTower)
+    with pytest.raises(
+        IncompatibleModelsError, match="crosskd before the last 1; deep before the last 2"
+    ):
+        Distiller(tiny(width=8), tiny(width=16), {"crosskd": 1.0, "deep": 1.0})

@@ -103,8 +103,8 @@ def test_distillation_step_reaches_student_only(cfg):
     teacher, student = yolo(cfg), yolo(cfg, **TINY)
     assert teacher.feature_channels != student.feature_channels  # 64/128/256 vs 16/32/64
     distiller = Distiller(student, teacher, {"rm": 1.0, "pfi": 1.0}).train()
-    assert [a.in_channels for a in distiller.adapters] == list(student.feature_channels)
-    assert [a.out_channels for a in distiller.adapters] == list(teacher.feature_channels)
+    assert [a.in_channels for a in distiller.adapters["neck"]] == list(student.feature_channels)
+    assert [a.out_channels for a in distiller.adapters["neck"]] == list(teacher.feature_channels)
     losses = distiller(*batch())
     sum(losses.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -132,7 +132,7 @@ def test_every_method_on_a_yolo_pair(cfg, method):
 def test_crosskd_uses_per_level_tower_adapters():
     teacher, student = yolo(), yolo(**TINY)
     distiller = Distiller(student, teacher, {"crosskd": 1.0})
-    cls_adapters, reg_adapters = distiller.branch.tower_adapters
+    cls_adapters, reg_adapters = distiller.adapters["tower1"]
     # after the first tower conv of each level: cls widths (16 -> 64 ...), reg widths
     assert [a.in_channels for a in cls_adapters] == list(student.tower_channels(1)[0])
     assert [a.out_channels for a in cls_adapters] == list(teacher.tower_channels(1)[0])

@@ -1,8 +1,9 @@
 """The passes over the data: run both detectors exactly as distillation does, keep what the analysis needs.
 
-As in :class:`detdistill.distill.Distiller`, the student's transform builds the
-batch and the teacher runs on that same tensor, so both networks see identical
-pixels and their anchors, levels and locations correspond one to one.
+Batches go through :meth:`detdistill.distill.Distiller.run_pair`, as in
+training: the student's transform builds the batch and the teacher runs on
+that same tensor, so both networks see identical pixels and their anchors,
+levels and locations correspond one to one.
 Candidates are the anchors the *student's* assigner makes positive for each
 ground truth (RM's candidates). The student runs in eval mode (BatchNorm statistics,
 no dropout) but with targets, which is what makes its assigner run.
@@ -25,8 +26,8 @@ from torch import Tensor, nn
 
 from detdistill.analysis.adapter import ChannelMapFitter
 from detdistill.analysis.features import Adapter, feature_maps, prediction_maps, valid_grid
+from detdistill.distill import Distiller
 from detdistill.models.output import DetectorOutput
-from detdistill.pair import run_pair
 
 __all__ = ["Collected", "InstanceInfo", "ObjectCandidates", "VisualCase", "collect"]
 
@@ -178,8 +179,7 @@ def _unnormalise(model: nn.Module, tensor: Tensor, size: tuple[int, int]) -> Ten
 
 @torch.no_grad()
 def collect(
-    teacher: nn.Module,
-    student: nn.Module,
+    pair: Distiller,
     batches: Iterable[tuple[list[Tensor], list[dict[str, Any]]]],
     dataset: Any,
     device: torch.device,
@@ -193,8 +193,8 @@ def collect(
     so a second, cheaper pass through the backbones computes it. With equal
     channels D is computed in the first pass with the identity.
     """
-    teacher.eval()
-    student.eval()
+    pair.eval()
+    teacher, student = pair.teacher, pair.student
     strides = list(student.strides)
     channels = list(zip(student.feature_channels, teacher.feature_channels, strict=True))
     same_channels = all(s == t for s, t in channels)
@@ -204,8 +204,8 @@ def collect(
     out = Collected(adapters=["identity" if same_channels else "least squares"] * len(strides))
 
     for images, targets in batches:
-        pair = run_pair(student, teacher, *_on_device(images, targets, device))
-        s_out, t_out, plain = pair.student, pair.teacher, pair.targets
+        batch = pair.run_pair(*_on_device(images, targets, device))
+        s_out, t_out, plain = batch.student, batch.teacher, batch.targets
         sizes = s_out.image_sizes
         out.p_maps += prediction_maps(s_out.cls_logits, t_out.cls_logits, sizes, strides)
         if same_channels:
@@ -230,7 +230,7 @@ def collect(
                     VisualCase(
                         image_id=out.image_ids[-1],
                         position=len(out.image_ids) - 1,
-                        image=_unnormalise(student, pair.images[i], sizes[i]),
+                        image=_unnormalise(student, batch.images[i], sizes[i]),
                         objects=objects,
                     )
                 )

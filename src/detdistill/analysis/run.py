@@ -26,7 +26,7 @@ from detdistill.data import (
     ClassMismatchError,
     DataError,
 )
-from detdistill.distill import check_compatible
+from detdistill.distill import Distiller
 from detdistill.engine.builders import LoadedModel, build_eval_loader, load_detector
 from detdistill.engine.config import ConfigError
 from detdistill.engine.distributed import resolve_device
@@ -113,7 +113,8 @@ def run_analysis(
     torch_device = resolve_device(device)
     teacher = load_detector(teacher_ckpt, map_location=torch_device)
     student = load_detector(student_ckpt, map_location=torch_device)
-    check_compatible(teacher.model, student.model)
+    # No methods: the pair is only compared. Checks compatibility; layout left as loaded.
+    pair = Distiller(student.model, teacher.model, {}, teacher_channels_last=False)
     dataset, description, _ = evaluation_data(student, data, images, data_format, split)
     _check_classes(teacher, student, dataset)
     if len(dataset) == 0:
@@ -121,9 +122,8 @@ def run_analysis(
     subset = Subset(dataset, range(min(max_images, len(dataset))))
     loader = build_eval_loader(subset, batch_size, num_workers=0)
 
-    t_model = teacher.model.to(torch_device).eval()
-    s_model = student.model.to(torch_device).eval()
-    collected = collect(t_model, s_model, loader, dataset, torch_device, num_visualize)
+    collected = collect(pair.to(torch_device), loader, dataset, torch_device, num_visualize)
+    s_model = pair.student
 
     strides = [int(s) for s in s_model.strides]
     teacher_scores, student_scores, ids = collected.flat_scores()

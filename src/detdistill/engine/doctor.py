@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Subset
 
-from detdistill.auto_weights import format_balance
 from detdistill.data.loader import batch_to_device, collate_fn
 from detdistill.distill import Distiller, IncompatibleModelsError
+from detdistill.distill.auto_weights import format_balance
 from detdistill.engine.builders import (
     build_datasets,
     build_eval_loader,
@@ -31,7 +31,6 @@ from detdistill.engine.distributed import resolve_device
 from detdistill.engine.sampling import first_training_batches
 from detdistill.engine.validate import validate_config
 from detdistill.evaluation import evaluate
-from detdistill.pair import run_pair
 
 MIN_TEACHER_MAP = 0.02
 LOSS_RATIO_LIMIT = 100.0
@@ -184,7 +183,7 @@ def _check_step_zero(report, cfg, train_set, student, teacher, distiller, device
         if teacher is None:
             s_out, t_out = student(images, targets), None
         else:
-            pair = run_pair(student, teacher, images, targets)
+            pair = distiller.run_pair(images, targets)
             s_out, t_out = pair.student, pair.teacher
         for level, stride in enumerate(student.strides):
             line = (

@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from detdistill import jsonio
-from detdistill.auto_weights import format_balance
 from detdistill.data import collate_fn
 from detdistill.data.errors import DataError
 from detdistill.data.loader import batch_to_device
 from detdistill.distill import Distiller
+from detdistill.distill.auto_weights import format_balance
 from detdistill.engine.builders import (
     DataSplits,
     build_datasets,

@@ -1,6 +1,7 @@
 """Distillation losses: pure tensor functions, and the named methods built on them."""
 
 from detdistill.losses.batch import Candidates, DistillBatch, IncompatibleModelsError
+from detdistill.losses.crosskd import CrossHeadKD
 from detdistill.losses.feature_imitation import (
     decoupled_feature_loss,
     feature_imitation_loss,
@@ -10,19 +11,23 @@ from detdistill.losses.masks import box_center_masks, fgfi_masks
 from detdistill.losses.methods import (
     DistillMethod,
     build_method,
-    flatten_levels,
     list_methods,
     register_method,
 )
 from detdistill.losses.pfi import feature_difference, pfi_loss, prediction_difference
 from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
+from detdistill.losses.taps import NECK, Tap, tower
+from detdistill.models.output import flatten_levels
 
 __all__ = [
+    "NECK",
     "Candidates",
+    "CrossHeadKD",
     "DistillBatch",
     "DistillMethod",
     "IncompatibleModelsError",
+    "Tap",
     "box_center_masks",
     "build_method",
     "decoupled_feature_loss",
@@ -37,4 +42,5 @@ __all__ = [
     "register_method",
     "score_weighted_imitation",
     "soft_label_kd_loss",
+    "tower",
 ]

@@ -1,9 +1,10 @@
 """What a distillation method receives for one batch: the teacher/student pair, whole.
 
 A method sees both detectors' :class:`~detdistill.models.output.DetectorOutput`
-as they came out of the pair's forward pass (:func:`detdistill.pair.run_pair`),
-the student's neck features adapted to the teacher's channels, the targets in
-the batch tensor's coordinates, and the frozen teacher itself. The last one
+as they came out of the pair's forward pass (``Distiller.run_pair``), the
+student tensors it declared as taps (:mod:`detdistill.losses.taps`), adapted to
+the teacher's channels, the targets in the batch tensor's coordinates, and the
+frozen teacher itself. The last one
 lets a method run (part of) the teacher's head on student features, as CrossKD
 does: gradients reach the student through the features, while the teacher's
 parameters have ``requires_grad=False`` and stay untouched.
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from detdistill.errors import DetDistillError
+from detdistill.losses.taps import Tap
 from detdistill.models.output import DetectorOutput
 
 __all__ = ["Candidates", "DistillBatch", "IncompatibleModelsError"]
@@ -49,27 +51,31 @@ class DistillBatch:
         student: the student's output, with the detector's own ``matched_idxs``
             and ``losses`` (the batch had targets).
         teacher: the teacher's output on the same batched tensor.
-        student_feats: the student's neck features through the adapters, in
-            the teacher's channel count (the student's own features are
-            ``student.features``).
         targets: per image ``boxes`` (M, 4) and ``labels`` (M,) in batch
             tensor pixels, as the student's assigner saw them.
         images: the batched, normalised tensor both networks ran on.
-        student_tower_feats: ``(cls, reg)`` per-level student head tower
-            features, adapted to the teacher's width, for a method that runs
-            the teacher's last tower convs on them (``None`` unless one asks,
-            see :meth:`DistillMethod.teacher_tower_convs`).
+        taps: the declared taps' adapted student tensors (the neck tap: a list
+            per level in the teacher's channel count; a tower tap: ``(cls,
+            reg)`` lists); read them with :meth:`tapped`.
         teacher_model: the frozen teacher (``None`` where no method needs it,
             e.g. in unit tests of losses on plain tensors).
     """
 
     student: DetectorOutput
     teacher: DetectorOutput
-    student_feats: list[Tensor]
     targets: list[dict[str, Tensor]]
     images: Tensor
+    taps: dict[Tap, Any]
     teacher_model: nn.Module | None = None
-    student_tower_feats: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def tapped(self, tap: Tap) -> Any:
+        """The adapted student tensors of ``tap``; a tap no method declared is an error."""
+        if tap not in self.taps:
+            raise KeyError(
+                f"no {tap.key!r} tap in this batch: a method reads only the taps it declares "
+                f"(DistillMethod.taps); declared: {', '.join(t.key for t in self.taps) or 'none'}"
+            )
+        return self.taps[tap]
 
     @property
     def gt_boxes(self) -> list[Tensor]:

@@ -15,11 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detdistill.losses.batch import Candidates, DistillBatch, IncompatibleModelsError
-from detdistill.losses.crosskd import (
-    cross_head_box_loss,
-    cross_head_class_loss,
-    cross_head_quality_loss,
-)
 from detdistill.losses.feature_imitation import (
     decoupled_feature_loss,
     feature_imitation_loss,
@@ -31,8 +26,9 @@ from detdistill.losses.normalize import FeatureNorm
 from detdistill.losses.pfi import WeightNorm, pfi_loss
 from detdistill.losses.rank_mimicking import rank_mimicking_loss
 from detdistill.losses.soft_label import soft_label_kd_loss
-from detdistill.models.atss import atss_candidates
-from detdistill.models.output import DetectorOutput, flatten_levels
+from detdistill.losses.taps import NECK, Tap
+from detdistill.models.assigners import atss_candidates
+from detdistill.models.output import DetectorOutput
 from detdistill.registry import Registry
 
 
@@ -42,10 +38,17 @@ class DistillMethod(nn.Module):
     ``imitates`` says what the term compares: ``"features"`` (neck features;
     the head is never reached) or ``"outputs"`` (the head's predictions). An
     ``auto`` weight uses the target ratio of that kind
-    (:data:`detdistill.auto_weights.DEFAULT_RATIOS`).
+    (:data:`detdistill.distill.auto_weights.DEFAULT_RATIOS`).
+
+    ``taps`` declares the student tensors the term reads beyond the two
+    detectors' outputs (:mod:`detdistill.losses.taps`): ``(NECK,)`` for neck
+    features adapted to the teacher's widths, read with
+    ``batch.tapped(NECK)``. The Distiller builds adapters for exactly the
+    declared taps; a method that declares none costs none.
     """
 
     imitates: ClassVar[Literal["features", "outputs"]] = "features"
+    taps: tuple[Tap, ...] = ()
 
     def forward(self, batch: DistillBatch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -55,16 +58,6 @@ class DistillMethod(nn.Module):
 
         Called once by the Distiller; the default accepts every detector.
         """
-
-    def teacher_tower_convs(self) -> int | None:
-        """How many of the teacher's last tower convs this term runs on student head features.
-
-        ``None`` (the default): the term needs no head features. A number ``j``
-        makes the Distiller keep the student's tower features before its last
-        ``j`` convs, adapted to the teacher's width, in
-        ``DistillBatch.student_tower_feats`` (CrossKD).
-        """
-        return None
 
 
 METHODS: Registry[type[DistillMethod]] = Registry("distillation method")
@@ -157,6 +150,8 @@ class PredictionGuidedImitation(DistillMethod):
     ``weight_norm="mean", feature_norm="channel"`` is the scale-free form.
     """
 
+    taps = (NECK,)
+
     def __init__(
         self,
         norm: Literal["mean", "l2"] = "mean",
@@ -172,7 +167,7 @@ class PredictionGuidedImitation(DistillMethod):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         return pfi_loss(
-            batch.student_feats,
+            batch.tapped(NECK),
             batch.teacher.features,
             batch.student.cls_logits,
             batch.teacher.cls_logits,
@@ -181,88 +176,6 @@ class PredictionGuidedImitation(DistillMethod):
             weight_norm=self.weight_norm,
             feature_norm=self.feature_norm,
         )
-
-
-@register_method("crosskd")
-class CrossHeadKD(DistillMethod):
-    """CrossKD (Wang et al., CVPR 2024): the teacher's head on the student's head features.
-
-    The student's tower features before its last ``teacher_convs`` convs (the
-    reference implementation's ``reused_teacher_head_idx = 3`` of 4 convs is
-    ``teacher_convs=1``) go through the teacher's last ``teacher_convs`` tower
-    convs and predictors; those cross-head predictions are distilled into the
-    teacher's own with :func:`cross_head_class_loss`,
-    :func:`cross_head_box_loss` (times ``box_weight``) and, for heads with a
-    quality branch, :func:`cross_head_quality_loss` (formulas in
-    :mod:`detdistill.losses.crosskd`). Works on every detector whose head has
-    conv towers and a box decoder: RetinaNet, FCOS, ATSS, GFL.
-
-    For ``auto`` weights CrossKD counts as a feature term: its gradient reaches
-    only the student's features (backbone, neck, the tower convs before the
-    cut), through the teacher's head, never the student's predictors. On
-    ``digits`` RetinaNet (baseline 5.8 mAP) it reached 6.4 as an output term
-    (ratio 0.3), 13.5 at the feature ratio (10) and 12.1 at the paper's weight
-    1 (``benchmarks/results/digits_crosskd_weight.json``).
-    """
-
-    imitates = "features"
-
-    def __init__(self, teacher_convs: int = 1, beta: float = 1.0, box_weight: float = 1.0):
-        super().__init__()
-        if teacher_convs < 0:
-            raise ValueError(f"crosskd teacher_convs must be >= 0, got {teacher_convs}")
-        if beta <= 0 or box_weight < 0:
-            raise ValueError(
-                f"crosskd needs beta > 0 and box_weight >= 0, got {beta}, {box_weight}"
-            )
-        self.teacher_convs = teacher_convs
-        self.beta = beta
-        self.box_weight = box_weight
-
-    def teacher_tower_convs(self) -> int:
-        return self.teacher_convs
-
-    def forward(self, batch: DistillBatch) -> Tensor:
-        teacher = batch.teacher_model
-        if teacher is None or batch.student_tower_feats is None:
-            raise ValueError(
-                "crosskd needs the teacher model and the student's head tower features: "
-                "run it through the Distiller"
-            )
-        dtype = next(teacher.parameters()).dtype  # a half-precision teacher takes half inputs
-        cls_feats, reg_feats = ([f.to(dtype) for f in fs] for fs in batch.student_tower_feats)
-        start = teacher.tower_depth - self.teacher_convs
-        cross_cls, cross_reg, cross_quality = teacher.head_outputs(
-            *teacher.run_towers(cls_feats, reg_feats, start)
-        )
-        # Compare in the student's precision (a half-precision teacher gives half outputs).
-        dtype = batch.student.flat_cls_logits().dtype
-        teacher_logits = batch.teacher.flat_cls_logits().to(dtype)
-        num_positives = sum(int((m >= 0).sum()) for m in batch.student.matched_idxs)
-        cross_logits = flatten_levels(cross_cls, batch.student.num_classes).to(dtype)
-        loss = cross_head_class_loss(cross_logits, teacher_logits, num_positives, self.beta)
-        weights = teacher_logits.sigmoid().amax(-1).reshape(-1)
-        anchors = torch.cat(batch.student.anchors).to(dtype)
-        code = batch.teacher.box_code_size
-        cross_boxes = teacher.decode_boxes(
-            flatten_levels(cross_reg, code).to(dtype).reshape(-1, code), anchors
-        )
-        teacher_boxes = teacher.decode_boxes(
-            batch.teacher.flat_bbox_regression().to(dtype).reshape(-1, code), anchors
-        )
-        # A teacher box under a pixel wide or high (FCOS's clipped distances far from
-        # any object) has no overlap worth imitating: GIoU against it is about constant
-        # and its gradient is set by GIoU's epsilon.
-        proper = (teacher_boxes[:, 2:] - teacher_boxes[:, :2] >= 1.0).all(dim=1)
-        box_weights = weights * proper
-        loss = loss + self.box_weight * cross_head_box_loss(cross_boxes, teacher_boxes, box_weights)
-        if cross_quality is not None and batch.teacher.quality is not None:
-            loss = loss + cross_head_quality_loss(
-                flatten_levels(cross_quality, 1).to(dtype).reshape(-1),
-                batch.teacher.flat_quality().to(dtype).reshape(-1),
-                weights,
-            )
-        return loss
 
 
 @register_method("ld")
@@ -366,13 +279,15 @@ class SoftLabelKD(DistillMethod):
 class FitNet(DistillMethod):
     """Imitate the whole feature map (Romero et al., ICLR 2015)."""
 
+    taps = (NECK,)
+
     def __init__(self, feature_norm: FeatureNorm = "none"):
         super().__init__()
         self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
         return feature_imitation_loss(
-            batch.student_feats, batch.teacher.features, feature_norm=self.feature_norm
+            batch.tapped(NECK), batch.teacher.features, feature_norm=self.feature_norm
         )
 
 
@@ -391,10 +306,12 @@ class PearsonImitation(DistillMethod):
     No adapter is needed for the *scale* of the features, only for channels.
     """
 
+    taps = (NECK,)
+
     def forward(self, batch: DistillBatch) -> Tensor:
-        levels = len(batch.student_feats)
+        levels = len(batch.tapped(NECK))
         fitnet = feature_imitation_loss(
-            batch.student_feats, batch.teacher.features, feature_norm="channel"
+            batch.tapped(NECK), batch.teacher.features, feature_norm="channel"
         )
         return fitnet * (levels / 2)
 
@@ -402,6 +319,8 @@ class PearsonImitation(DistillMethod):
 @register_method("fgfi")
 class FineGrainedImitation(DistillMethod):
     """Imitate only the locations of anchors near objects (Wang et al., CVPR 2019, psi = 0.5)."""
+
+    taps = (NECK,)
 
     def __init__(self, psi: float = 0.5, feature_norm: FeatureNorm = "none"):
         super().__init__()
@@ -417,13 +336,15 @@ class FineGrainedImitation(DistillMethod):
             self.psi,
         )
         return feature_imitation_loss(
-            batch.student_feats, batch.teacher.features, masks, feature_norm=self.feature_norm
+            batch.tapped(NECK), batch.teacher.features, masks, feature_norm=self.feature_norm
         )
 
 
 @register_method("defeat")
 class DecoupledFeatures(DistillMethod):
     """Foreground and background imitated separately (Guo et al., CVPR 2021)."""
+
+    taps = (NECK,)
 
     def __init__(
         self,
@@ -444,7 +365,7 @@ class DecoupledFeatures(DistillMethod):
             batch.student.num_anchors_per_location,
         )
         return decoupled_feature_loss(
-            batch.student_feats,
+            batch.tapped(NECK),
             batch.teacher.features,
             masks,
             self.foreground_weight,
@@ -457,13 +378,15 @@ class DecoupledFeatures(DistillMethod):
 class ScoreWeightedImitation(DistillMethod):
     """Imitation weighted by the teacher's top class probability (Ultralytics' form)."""
 
+    taps = (NECK,)
+
     def __init__(self, feature_norm: FeatureNorm = "none"):
         super().__init__()
         self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
         return score_weighted_imitation(
-            batch.student_feats,
+            batch.tapped(NECK),
             batch.teacher.features,
             batch.teacher.cls_logits,
             feature_norm=self.feature_norm,

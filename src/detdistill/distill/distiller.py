@@ -2,20 +2,24 @@
 
 One forward pass gives every loss term by name (the detector's own terms and
 each weighted distillation term), so logs always show what each method adds
-and a term that is silently zero or missing cannot hide.
+and a term that is silently zero or missing cannot hide. :meth:`Distiller.run_pair`
+is the one path of a batch through both detectors: training, ``auto`` weights,
+``doctor`` and ``analyze`` all call it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from detdistill.auto_weights import (
+from detdistill.distill.adapters import StudentWithTaps
+from detdistill.distill.auto_weights import (
     GUARD_GROWTH,
     Batch,
     TermBalance,
@@ -27,167 +31,11 @@ from detdistill.auto_weights import (
     parse_weight,
     preserved_state,
 )
-from detdistill.losses import IncompatibleModelsError, build_method
+from detdistill.distill.compat import check_compatible, check_taps
+from detdistill.losses import DistillBatch, build_method
 from detdistill.models.output import DetectorOutput
-from detdistill.pair import TowerFeatures, run_pair
 
-
-def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
-    """Raise :class:`IncompatibleModelsError` naming every disagreement.
-
-    RM compares the same candidate boxes and PFI the same feature-map locations
-    in both networks, so they must share levels, strides, anchors per location,
-    anchor shapes, classes, head type and input preprocessing (the teacher runs
-    on the student's batched tensor). Backbones and channel widths may differ:
-    adapters bridge the channels.
-    """
-    problems = []
-    checks = {
-        "head type": ("head_type", None),
-        "number of classes": ("num_classes", None),
-        "number of FPN levels": ("strides", len),
-        "FPN strides": ("strides", tuple),
-        "anchors per location": ("num_anchors_per_location", None),
-    }
-    for label, (attr, convert) in checks.items():
-        t_value, s_value = getattr(teacher, attr, None), getattr(student, attr, None)
-        if convert is not None and t_value is not None and s_value is not None:
-            t_value, s_value = convert(t_value), convert(s_value)
-        if t_value != s_value:
-            problems.append(f"{label}: teacher {t_value!r} vs student {s_value!r}")
-    for label, attr in (("anchor sizes", "sizes"), ("anchor aspect ratios", "aspect_ratios")):
-        t_value = getattr(getattr(teacher, "anchor_generator", None), attr, None)
-        s_value = getattr(getattr(student, "anchor_generator", None), attr, None)
-        if t_value != s_value:
-            problems.append(f"{label}: teacher {t_value!r} vs student {s_value!r}")
-    t_input, s_input = teacher.input_settings(), student.input_settings()
-    for key in sorted(set(t_input) | set(s_input)):
-        if t_input.get(key) != s_input.get(key):
-            problems.append(
-                f"input {key}: teacher {t_input.get(key)!r} vs student {s_input.get(key)!r}"
-            )
-    if problems:
-        raise IncompatibleModelsError(
-            "teacher and student cannot be distilled together: " + "; ".join(problems)
-        )
-
-
-class PointwiseAdapter(nn.Conv2d):
-    """A 1x1 convolution computed as one batched matrix product (``baddbmm``) over the batch.
-
-    Same parameters, initialisation and ``state_dict`` as ``nn.Conv2d(c_in,
-    c_out, 1)`` (checkpoints load either way) and the same values to float
-    rounding. Why: on CPU, oneDNN's 1x1 convolution forward and backward cost
-    three times the ``baddbmm`` form's for the ``digits`` pair's adapters (32 -> 96 channels,
-    128 px, batch 16: 6.2 ms against 2.1 ms forward and backward at 2 threads;
-    at 1 thread and ResNet-sized maps the matmul is 5-15% faster), and the
-    adapters are most of what distillation adds to a small student's step.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, kernel_size=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, _, h, w = x.shape
-        weight = self.weight.view(1, self.out_channels, self.in_channels)
-        out = torch.baddbmm(self.bias.view(1, -1, 1), weight.expand(n, -1, -1), x.flatten(2))
-        return out.view(n, self.out_channels, h, w)
-
-
-def build_adapters(
-    student_channels: Sequence[int], teacher_channels: Sequence[int]
-) -> nn.ModuleList:
-    """One 1x1 conv per level (student -> teacher channels of that level), identity where they match.
-
-    Channels are per level: a YOLO neck is 64/128/256 wide where an FPN is the
-    same width at every level.
-    """
-    if len(student_channels) != len(teacher_channels):
-        raise IncompatibleModelsError(
-            f"feature levels: teacher {len(teacher_channels)} vs student {len(student_channels)}"
-        )
-    return nn.ModuleList(
-        nn.Identity() if s == t else PointwiseAdapter(s, t)
-        for s, t in zip(student_channels, teacher_channels, strict=True)
-    )
-
-
-def build_tower_adapters(student: nn.Module, teacher: nn.Module, convs: int) -> nn.ModuleList:
-    """Adapters of the head tower features after ``convs`` convs: ``[cls, reg]``, each per level.
-
-    A tower shared over levels (torchvision's heads) gets one adapter shared
-    over levels, as the tower itself is; per-level towers (YOLO) get one each.
-    """
-    shared = student.towers_shared and teacher.towers_shared
-    adapters = []
-    for s_widths, t_widths in zip(
-        student.tower_channels(convs), teacher.tower_channels(convs), strict=True
-    ):
-        branch = build_adapters(s_widths[:1], t_widths[:1]) if shared else build_adapters(
-            s_widths, t_widths
-        )  # fmt: skip
-        adapters.append(branch)
-    return nn.ModuleList(adapters)
-
-
-class StudentWithAdapters(nn.Module):
-    """Everything trainable, in one module so DDP wraps exactly this (no unused parameters).
-
-    ``adapters`` map the neck features to the teacher's channels. With
-    ``keep_tower=k`` the student's head tower features after ``k`` convs are
-    kept too and mapped by ``tower_adapters`` (classification, regression).
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        adapters: nn.ModuleList,
-        keep_tower: int | None = None,
-        tower_adapters: nn.ModuleList | None = None,
-    ):
-        super().__init__()
-        if (keep_tower is None) != (tower_adapters is None):
-            raise ValueError("keep_tower and tower_adapters go together")
-        self.student = student
-        self.adapters = adapters
-        self.keep_tower = keep_tower
-        self.tower_adapters = tower_adapters
-
-    def forward(
-        self,
-        images: Tensor,
-        image_sizes: list[tuple[int, int]],
-        targets: list[dict[str, Tensor]],
-    ) -> tuple[DetectorOutput, list[Tensor], TowerFeatures | None]:
-        output = self.student.forward_batch(images, image_sizes, targets, self.keep_tower)
-        adapted = [adapter(f) for adapter, f in zip(self.adapters, output.features, strict=True)]
-        if self.tower_adapters is None or output.tower_features is None:
-            return output, adapted, None
-        tower = tuple(
-            [adapters[min(i, len(adapters) - 1)](f) for i, f in enumerate(feats)]
-            for adapters, feats in zip(self.tower_adapters, output.tower_features, strict=True)
-        )
-        return output, adapted, tower
-
-
-def _tower_cut(
-    methods: Mapping[str, nn.Module], student: nn.Module, teacher: nn.Module
-) -> int | None:
-    """The student tower depth whose features the methods need (see ``teacher_tower_convs``)."""
-    wanted = {name: m.teacher_tower_convs() for name, m in methods.items()}
-    wanted = {name: j for name, j in wanted.items() if j is not None}
-    if not wanted:
-        return None
-    if len(set(wanted.values())) > 1:
-        raise ValueError(f"methods disagree on the teacher tower convs they reuse: {wanted}")
-    name, convs = next(iter(wanted.items()))
-    depths = {"student": student.tower_depth, "teacher": teacher.tower_depth}
-    if any(convs > depth for depth in depths.values()):
-        raise IncompatibleModelsError(
-            f"{name} reuses the teacher's last {convs} tower conv(s), but the head towers have "
-            f"{depths['student']} (student) and {depths['teacher']} (teacher)"
-        )
-    return depths["student"] - convs
+__all__ = ["Distiller"]
 
 
 class Distiller(nn.Module):
@@ -200,7 +48,8 @@ class Distiller(nn.Module):
             eval mode through every ``train()`` call).
         methods: method name -> loss weight, e.g. ``{"rm": 4.0, "pfi": 1.5}``, or
             ``"auto"`` for a weight measured on the first batches by
-            :meth:`balance` (see :mod:`detdistill.auto_weights`).
+            :meth:`balance` (see :mod:`detdistill.distill.auto_weights`).
+            Empty for a pair that is only compared (``analyze``).
         method_options: method name -> keyword options of that method.
         teacher_half: run the teacher in float16 (CUDA only): it is never
             trained, so half precision only costs a little accuracy of targets.
@@ -233,11 +82,6 @@ class Distiller(nn.Module):
     ):
         super().__init__()
         check_compatible(teacher, student)
-        if not methods:
-            raise ValueError(
-                "a Distiller needs at least one method; a student without one is plain "
-                "training (detdistill train <student config>)"
-            )
         method_options = dict(method_options or {})
         unused = sorted(set(method_options) - set(methods))
         if unused:
@@ -247,13 +91,9 @@ class Distiller(nn.Module):
         )
         for method in self.methods.values():
             method.check_models(student, teacher)
-        keep_tower = _tower_cut(self.methods, student, teacher)
-        self.branch = StudentWithAdapters(
-            student,
-            build_adapters(student.feature_channels, teacher.feature_channels),
-            keep_tower,
-            None if keep_tower is None else build_tower_adapters(student, teacher, keep_tower),
-        )
+        taps = {tap for method in self.methods.values() for tap in method.taps}
+        keep_tower = check_taps(self.methods, student, teacher)
+        self.branch = StudentWithTaps(student, teacher, taps, keep_tower)
         self.teacher = teacher
         for param in self.teacher.parameters():
             param.requires_grad_(False)
@@ -286,7 +126,8 @@ class Distiller(nn.Module):
         return self.branch.student
 
     @property
-    def adapters(self) -> nn.ModuleList:
+    def adapters(self) -> nn.ModuleDict:
+        """Every declared tap's adapters, by tap key (``neck``, ``tower1``, ...)."""
         return self.branch.adapters
 
     def train(self, mode: bool = True) -> Distiller:
@@ -336,8 +177,8 @@ class Distiller(nn.Module):
         parameters that term ``m`` reaches, averaged over the batches, with
         ``r_m = ratios[kind]`` for the kind of term ``m`` (``"features"`` or
         ``"outputs"``; missing kinds take
-        :data:`~detdistill.auto_weights.DEFAULT_RATIOS`). The rule and why:
-        :mod:`detdistill.auto_weights`. Fixed weights are kept and reported
+        :data:`~detdistill.distill.auto_weights.DEFAULT_RATIOS`). The rule and why:
+        :mod:`detdistill.distill.auto_weights`. Fixed weights are kept and reported
         with the gradient ratio they amount to. Nothing is trained: gradients
         come from ``torch.autograd.grad``, and the student's buffers and the
         RNG state are restored.
@@ -348,12 +189,12 @@ class Distiller(nn.Module):
 
         def terms() -> Iterable[tuple[Tensor, dict[str, Tensor]]]:
             for images, targets in batches:
-                # The plain branch, not a DDP wrapper: DDP's reducer expects a backward
-                # after each forward; the norms are averaged across ranks instead.
-                detection, distill = self._loss_terms(images, targets, self.branch)
+                detection, distill = self.loss_terms(images, targets)
                 yield sum(detection.values()), distill
 
-        with preserved_state(self.student):
+        # The plain branch, not a DDP wrapper: DDP's reducer expects a backward
+        # after each forward; the norms are averaged across ranks instead.
+        with preserved_state(self.student), self._unwrapped():
             measured = measure_gradients(params, terms(), names)
         term_ratios = {name: by_kind[method.imitates] for name, method in self.methods.items()}
         self.auto_ratios = {name: term_ratios[name] for name in self.auto_methods}
@@ -368,7 +209,7 @@ class Distiller(nn.Module):
         """Named loss terms for one batch; distillation terms are already weighted.
 
         ``step`` (the number of training steps done) lets the guard re-check the
-        ``auto`` weights at its steps (:func:`~detdistill.auto_weights.guard_due`);
+        ``auto`` weights at its steps (:func:`~detdistill.distill.auto_weights.guard_due`);
         what it lowered is in :attr:`weight_changes`. The trainer passes it.
         """
         if self.needs_balance:
@@ -402,7 +243,7 @@ class Distiller(nn.Module):
 
     def _guard(self, step: int, detection: Tensor, distill: dict[str, Tensor]) -> None:
         """Lower an ``auto`` weight whose term outgrew its target ratio (module docstring of
-        :mod:`detdistill.auto_weights`); measured on this batch's graph, nothing trained."""
+        :mod:`detdistill.distill.auto_weights`); measured on this batch's graph, nothing trained."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         measured = measure_gradients(params, [(detection, distill)], self.auto_methods)
         current = {name: self.weights[name] for name in self.auto_methods}
@@ -417,15 +258,7 @@ class Distiller(nn.Module):
         self, images: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The detector's own loss terms and the *unweighted* distillation terms, by name."""
-        return self._loss_terms(images, targets, self._runner)
-
-    def _loss_terms(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]], runner: nn.Module
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        batch = run_pair(
-            self.student, self.teacher, images, targets,
-            student_forward=runner, teacher_forward=self.teacher_outputs,
-        )  # fmt: skip
+        batch = self.run_pair(images, targets)
         detection = dict(batch.student.losses)
         distill = {}
         for name, method in self.methods.items():
@@ -434,6 +267,46 @@ class Distiller(nn.Module):
             with record_function(f"distill/{name}"):  # named in profiler traces
                 distill[name] = method(batch)
         return detection, distill
+
+    def run_pair(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> DistillBatch:
+        """Both detectors on one batch of images (each ``(3, H, W)``) and their targets.
+
+        The student's transform normalises, resizes and pads the images into
+        one batched tensor and the teacher runs on *that* tensor: both networks
+        see the same pixels, so their levels, locations and anchors correspond
+        one to one, which is what RM's candidates and PFI's locations compare.
+        The targets get the checks of plain training first. The student's
+        output carries the assignment and the detection losses; the declared
+        taps come adapted to the teacher's channels.
+        """
+        self.student.check_targets(images, targets)
+        image_list, batch_targets = self.student.transform(images, targets)
+        tensors, sizes = image_list.tensors, image_list.image_sizes
+        # Teacher first: its activations are freed as it goes (inference mode), so it
+        # runs on a quiet heap. After the student's forward, whose activations stay
+        # alive for backward, the YOLO11n teacher's forward took 57 ms instead of 49
+        # (CPU, 128 px, batch 16): the step is 6% faster this way, the RetinaNet pairs
+        # are unchanged (0.996x, 0.997x), and the peak is lower.
+        teacher_output = self.teacher_outputs(tensors, sizes)
+        output, taps = self._runner(tensors, sizes, batch_targets)
+        return DistillBatch(
+            student=output,
+            teacher=teacher_output,
+            targets=batch_targets,
+            images=tensors,
+            taps=taps,
+            teacher_model=self.teacher,
+        )
+
+    @contextmanager
+    def _unwrapped(self) -> Iterator[None]:
+        """Run the plain branch for a while, whatever :meth:`wrap_student` set."""
+        runner = self._runner
+        object.__setattr__(self, "_runner", self.branch)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_runner", runner)
 
     @torch.inference_mode()
     def teacher_outputs(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> DetectorOutput:
