@@ -14,17 +14,16 @@ from torch import nn
 import detdistill
 from detdistill.engine import checkpoint as ckpt
 from detdistill.engine.checkpoint import (
-    CheckpointError,
-    StateDictMismatchError,
     capture_rng_state,
     file_sha256,
     load_checkpoint,
-    load_state_dict_strict,
     make_weights_payload,
     restore_rng_state,
     save_checkpoint,
 )
-from detdistill.engine.config import Config, ConfigError, config_from_dict, config_to_dict
+from detdistill.engine.config import Config, config_from_dict, config_to_dict
+from detdistill.errors import CheckpointError, ConfigError
+from detdistill.state_dicts import StateDictMismatchError, load_state_dict_strict
 
 
 def small_model() -> nn.Module:

@@ -19,7 +19,6 @@ from torchvision.ops import box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import FPN_DETECTORS, MOBILENET_WEIGHTS_MISSING
-from detdistill.engine.checkpoint import StateDictMismatchError
 from detdistill.evaluation import coco_metrics
 from detdistill.models import (
     DetectorOutput,
@@ -30,6 +29,7 @@ from detdistill.models import (
 )
 from detdistill.models.assigners import atss_assign
 from detdistill.models.backbones import _resolve_weights
+from detdistill.state_dicts import StateDictMismatchError
 
 DETECTORS = FPN_DETECTORS
 QUALITY_HEADS = {"fcos", "atss"}

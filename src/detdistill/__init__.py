@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from detdistill.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
     from detdistill.predict import Predictor
-
-try:
-    __version__ = version("detdistill")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
 
 __all__ = ["__version__", "load"]
 

@@ -17,11 +17,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from detdistill import jsonio
-from detdistill.engine.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
+from detdistill.engine.checkpoint import WEIGHTS_FILE, load_checkpoint
 from detdistill.engine.config import Config, config_to_dict
 from detdistill.engine.presets import load_preset_or_file
 from detdistill.engine.trainer import run
+from detdistill.errors import CheckpointError
+from detdistill.jsonio import dumps
 from detdistill.tables import metrics_table
 
 QUICK = [
@@ -131,7 +132,7 @@ def run_demo(
     print("\n" + text)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "results.json").write_text(
-        jsonio.dumps(
+        dumps(
             {
                 "rows": rows,
                 "gain_mAP": gain,

@@ -10,7 +10,7 @@ command line prints these as one line (``detdistill <command>: error: ...``);
 
 from __future__ import annotations
 
-__all__ = ["DetDistillError", "UnknownNameError"]
+__all__ = ["CheckpointError", "ConfigError", "DetDistillError", "UnknownNameError"]
 
 
 class DetDistillError(Exception):
@@ -19,3 +19,15 @@ class DetDistillError(Exception):
 
 class UnknownNameError(DetDistillError, ValueError):
     """A name (detector, method, backbone, ...) that no registry knows; the message lists the known."""
+
+
+class ConfigError(DetDistillError, ValueError):
+    """A configuration problem; the message names the dotted key (one line)."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class CheckpointError(DetDistillError, RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""

@@ -28,17 +28,18 @@ from detdistill.data import (
     make_embedded,
 )
 from detdistill.data.tiles import TiledDataset, TileSettings
-from detdistill.engine.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from detdistill.engine.checkpoint import load_checkpoint
 from detdistill.engine.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
     config_section,
+    import_modules,
     registered,
 )
 from detdistill.engine.distributed import get_rank, get_world_size
 from detdistill.engine.sampling import ResumableBatchSampler
-from detdistill.errors import DetDistillError
+from detdistill.errors import CheckpointError, DetDistillError
 from detdistill.models import build_detector
 from detdistill.models.backbones import BackboneArgumentError
 from detdistill.models.detector_weights import DetectorWeightsError, load_detector_weights
@@ -46,6 +47,7 @@ from detdistill.models.registry import DETECTORS
 from detdistill.models.yolo import YOLODetector
 from detdistill.registry import Registry
 from detdistill.slicing import SlicedDetector, SliceSettings
+from detdistill.state_dicts import load_state_dict_strict
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +293,8 @@ def load_detector(
             raise
         model, class_names, image_size = foreign
         return LoadedModel(model, class_names, {}, DataConfig(image_size=image_size))
+    # the run's own modules first: its detector (or backbone) may be one they register
+    import_modules(payload["config"].get("imports", []), f"{checkpoint}: imports")
     data = config_section(payload["config"], "data")
     model_cfg = model_cfg or config_section(payload["config"], "model")
     model = build_model(model_cfg, data.model_input_size, pretrained=False)

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, safe loads, strict weight loading, RNG state.
+"""Checkpoint files: atomic writes, safe loads, RNG state.
 
 Two files per run directory, both plain ``torch.save`` archives that load with
 ``torch.load(..., weights_only=True)`` (tensors, dicts, lists, tuples, numbers,
@@ -48,19 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 
-import detdistill
-from detdistill.errors import DetDistillError
+from detdistill.errors import CheckpointError
+from detdistill.version import __version__
 
 __all__ = [
     "STATE_FILE",
     "ULTRALYTICS_FILE",
     "WEIGHTS_FILE",
-    "CheckpointError",
-    "StateDictMismatchError",
     "capture_rng_state",
     "file_sha256",
     "load_checkpoint",
-    "load_state_dict_strict",
     "make_weights_payload",
     "restore_rng_state",
     "save_checkpoint",
@@ -69,14 +66,6 @@ __all__ = [
 WEIGHTS_FILE = "model.pt"
 STATE_FILE = "last_state.pt"
 ULTRALYTICS_FILE = "ultralytics.pt"  # a YOLO student, for `ultralytics.YOLO(path)`
-
-
-class CheckpointError(DetDistillError, RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the model."""
-
-
-class StateDictMismatchError(CheckpointError):
-    """Strict loading found missing, unexpected or differently shaped weights."""
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +155,7 @@ def make_weights_payload(
         "model": dict(model_state),
         "config": dict(config),
         "class_names": list(class_names),
-        "version": detdistill.__version__,
+        "version": __version__,
         "epoch": int(epoch),
         "step": int(step),
         "metrics": dict(metrics or {}),
@@ -227,58 +216,3 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.as_tensor(state["cuda"]).cpu().to(torch.uint8))
 
 
-# ---------------------------------------------------------------------------
-# Strict weight loading
-
-
-def _listing(title: str, items: list[str], limit: int) -> str:
-    shown = "\n".join(f"    {item}" for item in items[:limit])
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"  {title} ({len(items)}):\n{shown}{more}"
-
-
-def load_state_dict_strict(
-    module: torch.nn.Module, state_dict: Mapping[str, Any], what: str, limit: int = 10
-) -> None:
-    """Load ``state_dict`` into ``module`` or fail loudly, listing what does not fit.
-
-    A teacher whose weights silently failed to load (``strict=False``, a
-    ``module.`` prefix, a different head) is the most common reason
-    distillation "does not work"; this names missing, unexpected and
-    shape-mismatched keys, with counts, instead.
-    """
-    expected = module.state_dict()
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected
-        and isinstance(v, torch.Tensor)
-        and isinstance(expected[k], torch.Tensor)
-        and v.shape != expected[k].shape
-    ]
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if not shapes:
-        # The module's own loading hooks decide what counts as missing or
-        # unexpected (FrozenBatchNorm2d, for one, drops num_batches_tracked).
-        result = module.load_state_dict(state_dict, strict=False)
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if missing or unexpected or shapes:
-        parts = [f"{what}: the weights do not fit the model"]
-        if missing:
-            parts.append(
-                _listing("missing keys (in the model, not in the weights)", missing, limit)
-            )
-        if unexpected:
-            parts.append(
-                _listing("unexpected keys (in the weights, not in the model)", unexpected, limit)
-            )
-        if shapes:
-            parts.append(_listing("shape mismatches", shapes, limit))
-        prefixed = [k for k in unexpected if k.startswith("module.")]
-        if prefixed and len(prefixed) == len(unexpected):
-            parts.append(
-                "  hint: keys start with 'module.' - the weights were saved from a "
-                "DDP-wrapped model; save model.module.state_dict() instead"
-            )
-        raise StateDictMismatchError("\n".join(parts))

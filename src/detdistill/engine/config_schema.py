@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from detdistill.distill.auto_weights import DEFAULT_BATCHES, DEFAULT_RATIOS
-from detdistill.errors import DetDistillError
+from detdistill.errors import ConfigError
 
 __all__ = [
     "Config",
@@ -24,14 +24,6 @@ __all__ = [
     "TileConfig",
     "TrainConfig",
 ]
-
-
-class ConfigError(DetDistillError, ValueError):
-    """A configuration problem; the message names the dotted key (one line)."""
-
-    def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
 
 
 # ---------------------------------------------------------------------------

@@ -25,11 +25,11 @@ from detdistill.engine.builders import (
     evaluation_model,
     load_detector,
 )
-from detdistill.engine.checkpoint import CheckpointError
-from detdistill.engine.config import Config, ConfigError
+from detdistill.engine.config import Config
 from detdistill.engine.distributed import resolve_device
 from detdistill.engine.sampling import first_training_batches
 from detdistill.engine.validate import validate_config
+from detdistill.errors import CheckpointError, ConfigError
 from detdistill.evaluation import evaluate
 
 MIN_TEACHER_MAP = 0.02

@@ -8,7 +8,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from detdistill import jsonio
 from detdistill.data import CocoDetection, VOCDetection, YoloDetection, build_transforms
 from detdistill.engine.builders import (
     LoadedModel,
@@ -16,9 +15,10 @@ from detdistill.engine.builders import (
     build_eval_loader,
     load_detector,
 )
-from detdistill.engine.config import ConfigError
 from detdistill.engine.distributed import resolve_device
+from detdistill.errors import ConfigError
 from detdistill.evaluation import evaluate
+from detdistill.jsonio import dumps
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 
@@ -125,5 +125,5 @@ def evaluate_checkpoint(
         "data_problems": dataset.problems.as_dict() if hasattr(dataset, "problems") else None,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(jsonio.dumps(payload, indent=2) + "\n")
+    out_path.write_text(dumps(payload, indent=2) + "\n")
     return {**payload, "out": out_path}

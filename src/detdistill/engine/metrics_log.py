@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import torch
 
-from detdistill import jsonio
+from detdistill.jsonio import dumps
 
 __all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "MetricsLogger", "read_metrics"]
 
@@ -75,7 +75,7 @@ class MetricsLogger:
         record["time"] = round(time.time(), 3)
         for key, value in values.items():
             record[key] = _plain(value)
-        self._file.write(jsonio.dumps(record) + "\n")
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
             for key, value in record.items():

@@ -21,7 +21,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from detdistill import jsonio
 from detdistill.data import collate_fn
 from detdistill.data.errors import DataError
 from detdistill.data.loader import batch_to_device
@@ -39,7 +38,6 @@ from detdistill.engine.checkpoint import (
     STATE_FILE,
     ULTRALYTICS_FILE,
     WEIGHTS_FILE,
-    CheckpointError,
     capture_rng_state,
     file_sha256,
     load_checkpoint,
@@ -57,8 +55,9 @@ from detdistill.engine.sampling import (
 )
 from detdistill.engine.schedule import build_scheduler, lr_factor
 from detdistill.engine.validate import validate_config
-from detdistill.errors import DetDistillError
+from detdistill.errors import CheckpointError, DetDistillError
 from detdistill.evaluation import evaluate
+from detdistill.jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +457,7 @@ class Trainer:
                 summary["distill_weights"] = dict(self.distiller.weights)
                 summary["weight_changes"] = list(self.distiller.weight_changes)
                 summary["balance"] = self.balance
-            (self.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2) + "\n")
+            (self.run_dir / "summary.json").write_text(dumps(summary, indent=2) + "\n")
         return RunResult(self.run_dir, self.metrics, self.epoch, self.step, status, history)
 
     def _train_epoch(self, logger: MetricsLogger) -> bool:

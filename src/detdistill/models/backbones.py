@@ -36,9 +36,9 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
-from detdistill.engine.checkpoint import load_state_dict_strict
 from detdistill.errors import DetDistillError
 from detdistill.registry import Registry
+from detdistill.state_dicts import load_weights_file
 
 __all__ = [
     "BODIES",
@@ -47,7 +47,6 @@ __all__ = [
     "TinyBackbone",
     "build_backbone",
     "list_backbones",
-    "load_weights_file",
 ]
 
 # name -> builder(weights, norm_layer, **kwargs) -> (body, default FPN width)
@@ -157,24 +156,6 @@ class BackboneFPN(nn.Module):
 
 
 list_backbones = BODIES.names
-
-
-def load_weights_file(module: nn.Module, path: str | os.PathLike, what: str) -> None:
-    """Load a state-dict file into ``module`` strictly, with an error that lists keys.
-
-    Accepts a bare state dict or one wrapped under ``"state_dict"`` / ``"model"``.
-    Loaded with ``weights_only=True``: a weights file must not execute code.
-    """
-    path = Path(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise TypeError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    load_state_dict_strict(module, obj, f"weights file {path} for {what}")
 
 
 def _resolve_weights(weights: Any) -> tuple[WeightsEnum | None, Path | None]:
