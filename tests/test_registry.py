@@ -1,9 +1,10 @@
-"""The one registry helper behind detectors, methods and backbones."""
+"""The one registry helper behind every named thing (detectors, methods, backbones, ...)."""
 
 from __future__ import annotations
 
 import pytest
 
+from detdistill.errors import UnknownNameError
 from detdistill.losses.methods import METHODS
 from detdistill.models.backbones import BODIES
 from detdistill.models.registry import DETECTORS
@@ -24,6 +25,10 @@ def test_register_get_names_and_errors():
         things.register("b")(len)
     with pytest.raises(ValueError, match="unknown thing 'c'; registered things: a, b"):
         things.get("c")
+    things.register("bbb")(len)
+    with pytest.raises(UnknownNameError, match=r"things: a, b, bbb \(did you mean 'bbb'\?\)$"):
+        things.get("bb")
+    assert "a" in things and "z" not in things and list(things) == ["a", "b", "bbb"]
 
 
 def test_the_three_kinds_share_it():

@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"detdistill {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_import_arg(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -410,6 +411,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_import_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first, for the methods, detectors, data formats, ... it registers "
+        "(repeatable; like `imports:` in a config)",
+    )
+
+
+def _import_requested(argv: Sequence[str]) -> None:
+    """Import the ``--import`` modules before the parser is built, so their names are choices."""
+    early = argparse.ArgumentParser(add_help=False)
+    _add_import_arg(early)
+    from detdistill.engine.config import import_modules
+
+    import_modules(early.parse_known_args(argv)[0].imports, "--import")
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from detdistill.errors import DetDistillError
 
@@ -417,7 +439,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # the user's modules and installed plug-ins register names the parser lists
+        _import_requested(argv)
+        parser = build_parser()
+    except _user_errors() as exc:
+        if "--debug" in argv:
+            raise
+        print(f"detdistill: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func

@@ -10,7 +10,7 @@ and no data loading or teacher evaluation.
 from __future__ import annotations
 
 from detdistill.engine.builders import DATA_FORMATS
-from detdistill.engine.config import registered
+from detdistill.engine.config import import_modules, registered
 from detdistill.engine.config_schema import Config, ConfigError
 from detdistill.engine.optim import OPTIMIZERS, SCHEDULES
 from detdistill.errors import UnknownNameError
@@ -21,7 +21,12 @@ __all__ = ["validate_config"]
 
 
 def validate_config(cfg: Config) -> None:
-    """Raise :class:`ConfigError` naming the key of the first unknown name or bad method option."""
+    """Raise :class:`ConfigError` naming the key of the first unknown name or bad method option.
+
+    The config's ``imports`` are imported first, so that the names their modules
+    register are known.
+    """
+    import_modules(cfg.imports, "imports")
     registered(DATA_FORMATS, cfg.data.format, "data.format")
     registered(OPTIMIZERS, cfg.train.optimizer, "train.optimizer")
     registered(SCHEDULES, cfg.train.schedule, "train.schedule")
