@@ -3,6 +3,13 @@
 Every subcommand turns the errors a user can cause (a bad config, a missing
 file, a teacher that does not fit) into one line on stderr and exit status 2;
 ``--debug`` shows the traceback instead.
+
+Each command is a pair: ``_cmd_<name>(args) -> exit status`` does the work and
+``add_<name>_parser(subparsers)`` declares its options and sets ``func`` to
+that handler. :data:`COMMANDS` lists the ``add_*`` functions in the order
+``detdistill --help`` shows them, so a new command is its pair plus one entry
+there. Choices that name registered things (embedded data sets, ...) are read
+from their registries when the parser is built.
 """
 
 from __future__ import annotations
@@ -14,9 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from detdistill import __version__
+from detdistill.version import __version__
 
 log = logging.getLogger("detdistill")
+
+#: What ``add_<name>_parser`` receives: the top-level parser's subcommands.
+Subparsers = argparse._SubParsersAction
 
 
 def _epilog() -> str:
@@ -43,6 +53,19 @@ def _add_config_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs still written)"
     )
+
+
+def _add_data_args(p: argparse.ArgumentParser, data_help: str, images_help: str) -> None:
+    """The evaluation data options ``eval`` and ``analyze`` share (their help texts differ)."""
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--images", help=images_help)
+    p.add_argument(
+        "--format",
+        choices=["coco", "voc", "yolo"],
+        default="coco",
+        help="layout of --data (default: coco)",
+    )
+    p.add_argument("--split", default="val", help="VOC split, or data.yaml key (default: val)")
 
 
 def _add_slice_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +97,36 @@ def _slices(args: argparse.Namespace) -> Any:
         raise ConfigError(str(exc)) from None
 
 
+# ---------------------------------------------------------------------------
+# The commands, each a handler and its parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from detdistill.demo import run_demo
+
+    run_demo(Path(args.workdir), quick=args.quick, show_progress=not args.no_progress)
+    return 0
+
+
+def add_demo_parser(sub: Subparsers) -> None:
+    """Its timings and results live in docs/results.md, measured, not in the help text."""
+    p = sub.add_parser(
+        "demo",
+        help="the embedded end-to-end run: teacher, baseline student, RM+PFI student, and their table",
+        description="Makes the `digits` data (cached), trains a teacher (reused when cached), a baseline "
+        "student and an RM+PFI distilled student, and prints their COCO metrics with the gain; "
+        "--quick is a smoke run. How long it takes and what it gets: docs/results.md#the-demo.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny data and few steps: checks everything runs"
+    )
+    p.add_argument(
+        "--workdir", default="runs/demo", help="where runs and the table go (default: runs/demo)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=_cmd_demo)
+
+
 def _cmd_train(args: argparse.Namespace, distill: bool) -> int:
     from detdistill.engine.config import ConfigError
     from detdistill.engine.presets import load_preset_or_file
@@ -103,6 +156,31 @@ def _cmd_train(args: argparse.Namespace, distill: bool) -> int:
     return 0 if result.status != "interrupted" else 130
 
 
+def add_train_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a detector on its own (a teacher or the student baseline)",
+        epilog=_epilog(),
+    )
+    _add_config_args(p)
+    p.set_defaults(func=lambda a: _cmd_train(a, distill=False))
+
+
+def add_distill_parser(sub: Subparsers) -> None:
+    """The same handler as ``train``, which then insists on a ``distill:`` section and runs the doctor."""
+    p = sub.add_parser(
+        "distill",
+        help="train a student with a teacher checkpoint and the chosen methods",
+        description="Runs the doctor's checks, then trains. Methods and weights come from "
+        "`distill.methods`, e.g. --set distill.methods='{rm: auto, pfi: auto}' (weights "
+        "measured on the first batches, printed and saved in summary.json) or "
+        "--set distill.methods='{rm: 4.0, pfi: 1.5}'.",
+        epilog=_epilog(),
+    )
+    _add_config_args(p)
+    p.set_defaults(func=lambda a: _cmd_train(a, distill=True))
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from detdistill.engine.evaluate_checkpoint import evaluate_checkpoint
     from detdistill.tables import metrics_table
@@ -125,11 +203,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from detdistill.demo import run_demo
-
-    run_demo(Path(args.workdir), quick=args.quick, show_progress=not args.no_progress)
-    return 0
+def add_eval_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "eval", help="COCO metrics of a checkpoint on a data set, as a table and JSON"
+    )
+    p.add_argument("checkpoint", help="a model.pt written by train/distill")
+    _add_data_args(
+        p,
+        data_help="COCO annotation JSON, a VOC root with --format voc, or a data.yaml with "
+        "--format yolo (default: the checkpoint's own validation data)",
+        images_help="COCO images folder (default: beside the annotation file, or its 'images' "
+        "sub-folder)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    p.add_argument("--out", help="JSON output (default: metrics_<data>.json beside the checkpoint)")
+    p.add_argument("--per-class", action="store_true", help="also print per-class AP")
+    _add_slice_args(p)
+    p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -139,6 +229,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compare_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="runs side by side: final metrics table and mAP over epochs",
+        description="Final COCO metrics of each run, with the gain over the first one, and "
+        "optionally a plot of validation mAP per epoch, e.g. "
+        "`detdistill compare runs/demo/student_baseline runs/demo/student_rm_pfi --plot mAP.png`.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    p.add_argument("--plot", help="write a PNG of mAP over epochs here")
+    p.set_defaults(func=_cmd_compare)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from detdistill.engine.doctor import run_doctor
     from detdistill.engine.presets import load_preset_or_file
@@ -146,6 +249,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     report = run_doctor(load_preset_or_file(args.config, args.overrides))
     print(report.render())
     return 0 if report.ok else 2
+
+
+def add_doctor_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="checks before a long run: weights load, teacher mAP, compatibility, shapes, loss sizes",
+        description="Loads both checkpoints strictly, evaluates the teacher on the validation data "
+        "(near-zero mAP is an error), checks that teacher and student fit together, prints the "
+        "feature and logit shapes per FPN level, and each weighted loss term at step 0 next to "
+        "the detection loss (flagged when 100x larger or smaller). `distill` runs it first.",
+        epilog=_epilog(),
+    )
+    _add_config_args(p, training=False)
+    p.set_defaults(func=_cmd_doctor)
 
 
 def _cmd_data_make(args: argparse.Namespace) -> int:
@@ -180,158 +297,9 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_analyze(args: argparse.Namespace) -> int:
-    from detdistill.analysis import run_analysis
-
-    report = run_analysis(
-        args.teacher,
-        args.student,
-        data=args.data,
-        images=args.images,
-        data_format=args.format,
-        split=args.split,
-        out=Path(args.out),
-        max_images=args.max_images,
-        num_visualize=args.num_images,
-    )
-    print(f"report written to {report}")
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from detdistill.predict import run_predict
-
-    summary = run_predict(
-        args.checkpoint,
-        args.inputs,
-        out=Path(args.out),
-        score_threshold=args.score_threshold,
-        max_detections=args.max_detections,
-        batch_size=args.batch_size,
-        show_progress=not args.no_progress,
-        slices=_slices(args),
-    )
-    print(
-        f"{summary['images']} images, {summary['detections']} detections, "
-        f"{summary['skipped']} skipped; results in {summary['out']}"
-    )
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from detdistill.export import export_onnx
-
-    path = export_onnx(args.checkpoint, Path(args.out), opset=args.opset)
-    print(f"exported {path}")
-    return 0
-
-
-def _cmd_presets(args: argparse.Namespace) -> int:
-    from detdistill.engine.presets import list_presets, preset_path
-
-    for name in list_presets():
-        print(f"{name:28s} {preset_path(name)}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def add_data_parser(sub: Subparsers) -> None:
+    """``data make NAME``: the names are the registered embedded sets, plug-ins' included."""
     from detdistill.data import EMBEDDED_DATASETS
-
-    parser = argparse.ArgumentParser(
-        prog="detdistill",
-        description="Knowledge distillation for one-stage object detectors (Rank Mimicking, PFI and baselines).",
-    )
-    parser.add_argument("--version", action="version", version=f"detdistill {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    _add_import_arg(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "demo",
-        help="the embedded end-to-end run: teacher, baseline student, RM+PFI student, and their table",
-        description="Makes the `digits` data (cached), trains a teacher (reused when cached), a baseline "
-        "student and an RM+PFI distilled student, and prints their COCO metrics with the gain. "
-        "About 10-12 minutes on 2 CPU cores the first time (5-6 for the data and the teacher, "
-        "which is then reused; 5 for the two students, side by side), 5 after that; "
-        "--quick is a smoke run of about a minute.",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="tiny data and few steps: checks everything runs"
-    )
-    p.add_argument(
-        "--workdir", default="runs/demo", help="where runs and the table go (default: runs/demo)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser(
-        "train",
-        help="train a detector on its own (a teacher or the student baseline)",
-        epilog=_epilog(),
-    )
-    _add_config_args(p)
-    p.set_defaults(func=lambda a: _cmd_train(a, distill=False))
-
-    p = sub.add_parser(
-        "distill",
-        help="train a student with a teacher checkpoint and the chosen methods",
-        description="Runs the doctor's checks, then trains. Methods and weights come from "
-        "`distill.methods`, e.g. --set distill.methods='{rm: auto, pfi: auto}' (weights "
-        "measured on the first batches, printed and saved in summary.json) or "
-        "--set distill.methods='{rm: 4.0, pfi: 1.5}'.",
-        epilog=_epilog(),
-    )
-    _add_config_args(p)
-    p.set_defaults(func=lambda a: _cmd_train(a, distill=True))
-
-    p = sub.add_parser(
-        "eval", help="COCO metrics of a checkpoint on a data set, as a table and JSON"
-    )
-    p.add_argument("checkpoint", help="a model.pt written by train/distill")
-    p.add_argument(
-        "--data",
-        help="COCO annotation JSON, a VOC root with --format voc, or a data.yaml with --format yolo "
-        "(default: the checkpoint's own validation data)",
-    )
-    p.add_argument(
-        "--images",
-        help="COCO images folder (default: beside the annotation file, or its 'images' sub-folder)",
-    )
-    p.add_argument(
-        "--format",
-        choices=["coco", "voc", "yolo"],
-        default="coco",
-        help="layout of --data (default: coco)",
-    )
-    p.add_argument("--split", default="val", help="VOC split, or data.yaml key (default: val)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
-    p.add_argument("--out", help="JSON output (default: metrics_<data>.json beside the checkpoint)")
-    p.add_argument("--per-class", action="store_true", help="also print per-class AP")
-    _add_slice_args(p)
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser(
-        "compare",
-        help="runs side by side: final metrics table and mAP over epochs",
-        description="Final COCO metrics of each run, with the gain over the first one, and "
-        "optionally a plot of validation mAP per epoch, e.g. "
-        "`detdistill compare runs/demo/student_baseline runs/demo/student_rm_pfi --plot mAP.png`.",
-    )
-    p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
-    p.add_argument("--plot", help="write a PNG of mAP over epochs here")
-    p.set_defaults(func=_cmd_compare)
-
-    p = sub.add_parser(
-        "doctor",
-        help="checks before a long run: weights load, teacher mAP, compatibility, shapes, loss sizes",
-        description="Loads both checkpoints strictly, evaluates the teacher on the validation data "
-        "(near-zero mAP is an error), checks that teacher and student fit together, prints the "
-        "feature and logit shapes per FPN level, and each weighted loss term at step 0 next to "
-        "the detection loss (flagged when 100x larger or smaller). `distill` runs it first.",
-        epilog=_epilog(),
-    )
-    _add_config_args(p, training=False)
-    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("data", help="embedded data sets")
     data_sub = p.add_subparsers(
@@ -357,6 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make.set_defaults(func=_cmd_data_make)
 
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from detdistill.analysis import run_analysis
+
+    report = run_analysis(
+        args.teacher,
+        args.student,
+        data=args.data,
+        images=args.images,
+        data_format=args.format,
+        split=args.split,
+        out=Path(args.out),
+        max_images=args.max_images,
+        num_visualize=args.num_images,
+    )
+    print(f"report written to {report}")
+    return 0
+
+
+def add_analyze_parser(sub: Subparsers) -> None:
     p = sub.add_parser(
         "analyze",
         help="the paper's two observations on your models: rank agreement, feature vs prediction gaps",
@@ -366,24 +354,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("teacher", help="teacher model.pt")
     p.add_argument("student", help="student model.pt")
-    p.add_argument(
-        "--data",
-        help="COCO annotation JSON, VOC root or YOLO data.yaml (default: the student's validation "
-        "data)",
+    _add_data_args(
+        p,
+        data_help="COCO annotation JSON, VOC root or YOLO data.yaml (default: the student's "
+        "validation data)",
+        images_help="COCO images folder",
     )
-    p.add_argument("--images", help="COCO images folder")
-    p.add_argument(
-        "--format",
-        choices=["coco", "voc", "yolo"],
-        default="coco",
-        help="layout of --data (default: coco)",
-    )
-    p.add_argument("--split", default="val", help="VOC split, or data.yaml key (default: val)")
     p.add_argument("--out", default="analysis", help="output folder (default: analysis)")
     p.add_argument("--max-images", type=int, default=200, help="images to analyse (default: 200)")
     p.add_argument("--num-images", type=int, default=4, help="images to draw (default: 4)")
     p.set_defaults(func=_cmd_analyze)
 
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from detdistill.predict import run_predict
+
+    summary = run_predict(
+        args.checkpoint,
+        args.inputs,
+        out=Path(args.out),
+        score_threshold=args.score_threshold,
+        max_detections=args.max_detections,
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+        slices=_slices(args),
+    )
+    print(
+        f"{summary['images']} images, {summary['detections']} detections, "
+        f"{summary['skipped']} skipped; results in {summary['out']}"
+    )
+    return 0
+
+
+def add_predict_parser(sub: Subparsers) -> None:
     p = sub.add_parser(
         "predict", help="run a checkpoint on images: drawn boxes and COCO results JSON"
     )
@@ -399,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slice_args(p)
     p.set_defaults(func=_cmd_predict)
 
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from detdistill.export import export_onnx
+
+    path = export_onnx(args.checkpoint, Path(args.out), opset=args.opset)
+    print(f"exported {path}")
+    return 0
+
+
+def add_export_parser(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="export the student alone (no teacher, no adapters) to ONNX")
     p.add_argument("checkpoint", help="a model.pt")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
@@ -406,9 +419,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.set_defaults(func=_cmd_export)
 
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from detdistill.engine.presets import list_presets, preset_path
+
+    for name in list_presets():
+        print(f"{name:28s} {preset_path(name)}")
+    return 0
+
+
+def add_presets_parser(sub: Subparsers) -> None:
     p = sub.add_parser("presets", help="list the bundled config presets")
     p.set_defaults(func=_cmd_presets)
-    return parser
+
+
+#: Every command's parser, in the order ``detdistill --help`` lists them.
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    add_demo_parser,
+    add_train_parser,
+    add_distill_parser,
+    add_eval_parser,
+    add_compare_parser,
+    add_doctor_parser,
+    add_data_parser,
+    add_analyze_parser,
+    add_predict_parser,
+    add_export_parser,
+    add_presets_parser,
+)
+
+
+# ---------------------------------------------------------------------------
+# The top level
 
 
 def _add_import_arg(parser: argparse.ArgumentParser) -> None:
@@ -421,6 +463,21 @@ def _add_import_arg(parser: argparse.ArgumentParser) -> None:
         help="import MODULE first, for the methods, detectors, data formats, ... it registers "
         "(repeatable; like `imports:` in a config)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: the global options, then each of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="detdistill",
+        description="Knowledge distillation for one-stage object detectors (Rank Mimicking, PFI and baselines).",
+    )
+    parser.add_argument("--version", action="version", version=f"detdistill {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_import_arg(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in COMMANDS:
+        add_parser(sub)
+    return parser
 
 
 def _import_requested(argv: Sequence[str]) -> None:
