@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from detdistill.sweep.command import add_parser as add_sweep_parser
 from detdistill.version import __version__
 
 log = logging.getLogger("detdistill")
@@ -445,6 +446,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_analyze_parser,
     add_predict_parser,
     add_export_parser,
+    add_sweep_parser,
     add_presets_parser,
 )
 

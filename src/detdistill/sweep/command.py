@@ -24,8 +24,8 @@ DESCRIPTION = (
 )
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``sweep`` to the ``detdistill`` subcommands; returns its parser."""
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sweep`` to the ``detdistill`` subcommands (one entry of ``cli.COMMANDS``)."""
     p = subparsers.add_parser(
         "sweep",
         help="rank the distillation methods on your data: teacher, student alone, each method, seeds",
@@ -75,7 +75,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "RAY_ADDRESS, else a local Ray instance)",
     )  # fmt: skip
     p.set_defaults(func=run_command)
-    return p
 
 
 def run_command(args: argparse.Namespace) -> int:
