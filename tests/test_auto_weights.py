@@ -179,21 +179,21 @@ def test_run_records_reuses_and_reports_auto_weights(tmp_path, monkeypatch):
     original = Trainer.train_step
 
     def stop_at_step_3(self, images, targets):
-        if self.step == 3:
+        if self.progress.step == 3:
             raise KeyboardInterrupt
         return original(self, images, targets)
 
     monkeypatch.setattr(Trainer, "train_step", stop_at_step_3)
     assert first.fit().status == "interrupted"
-    chosen = dict(first.distiller.weights)
+    chosen = dict(first.setup.distiller.weights)
     assert set(chosen) == {"rm", "pfi"} and all(w > 0 for w in chosen.values())
     monkeypatch.setattr(Trainer, "train_step", original)
 
     resumed = Trainer(cfg, show_progress=False)
     calls = []
-    monkeypatch.setattr(resumed.distiller, "balance", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(resumed.setup.distiller, "balance", lambda *a, **k: calls.append(a))
     resumed.resume()
-    assert resumed.distiller.weights == chosen and not resumed.distiller.needs_balance
+    assert resumed.setup.distiller.weights == chosen and not resumed.setup.distiller.needs_balance
     assert resumed.fit().status == "completed" and not calls  # not measured again
 
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())

@@ -53,9 +53,9 @@ def _worker(
     try:
         trainer = Trainer(load_config(preset_path(preset), overrides), show_progress=False)
         trainer.fit()
-        torch.save(trainer.model.state_dict(), Path(out) / f"rank{rank}.pt")
-        if trainer.distiller is not None:
-            torch.save(dict(trainer.distiller.weights), Path(out) / f"weights{rank}.pt")
+        torch.save(trainer.setup.model.state_dict(), Path(out) / f"rank{rank}.pt")
+        if trainer.setup.distiller is not None:
+            torch.save(dict(trainer.setup.distiller.weights), Path(out) / f"weights{rank}.pt")
     finally:
         cleanup()
 

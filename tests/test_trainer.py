@@ -124,7 +124,11 @@ def test_resume_after_interruption_continues_the_same_curve(
 
     resumed_trainer = Trainer(cfg, show_progress=False)
     resumed_trainer.resume()
-    assert (resumed_trainer.epoch, resumed_trainer.batch_in_epoch, resumed_trainer.step) == (
+    assert (
+        resumed_trainer.progress.epoch,
+        resumed_trainer.progress.batch_in_epoch,
+        resumed_trainer.progress.step,
+    ) == (
         1,
         2,
         8,
@@ -149,7 +153,7 @@ def test_non_finite_loss_stops_with_the_term_and_step(tmp_path, data_root, monke
 
     def poisoned(images, targets):
         losses = real(images, targets)
-        if trainer.step == 3:
+        if trainer.progress.step == 3:
             losses["bbox_regression"] = losses["bbox_regression"] * float("nan")
         return losses
 
@@ -224,7 +228,7 @@ def test_ema_weights_are_what_the_run_saves_and_evaluates(tmp_path, data_root):
     trainer = Trainer(cfg, show_progress=False)
     trainer.fit()
     saved = weights(tmp_path / "ema")
-    raw = trainer.model.state_dict()
-    averaged = trainer.ema.module.state_dict()
+    raw = trainer.setup.model.state_dict()
+    averaged = trainer.setup.ema.module.state_dict()
     assert_same_weights(saved, averaged)
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Subset
 
-from detdistill.data.loader import batch_to_device, collate_fn
+from detdistill.data.loader import batch_to_device
 from detdistill.distill import Distiller, IncompatibleModelsError
 from detdistill.distill.auto_weights import format_balance
 from detdistill.engine.builders import (
@@ -27,7 +27,7 @@ from detdistill.engine.builders import (
 )
 from detdistill.engine.config import Config
 from detdistill.engine.distributed import resolve_device
-from detdistill.engine.sampling import first_training_batches
+from detdistill.engine.sampling import TrainingBatches
 from detdistill.engine.validate import validate_config
 from detdistill.errors import CheckpointError, ConfigError
 from detdistill.evaluation import evaluate
@@ -68,6 +68,11 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         "OK",
         f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes",
     )
+    try:  # the batches training starts with, made as the trainer makes them
+        batches = TrainingBatches(data.train, cfg.data.batch_size, cfg.seed)
+    except ConfigError as exc:
+        report.add("FAIL", str(exc))
+        return report
     torch.manual_seed(cfg.seed)  # the initial student the trainer builds
     student = build_model(cfg.model, cfg.data.model_input_size).to(device)
     n_params = sum(p.numel() for p in student.parameters())
@@ -126,11 +131,11 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         report.add(
             "OK", "teacher and student are compatible (levels, strides, anchors, classes, input)"
         )
-        _check_weights(report, cfg, data.train, distiller, device)
+        _check_weights(report, cfg, batches, distiller, device)
     _check_step_zero(
         report,
         cfg,
-        data.train,
+        batches,
         student,
         teacher,
         distiller if teacher is not None else None,
@@ -139,13 +144,11 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
     return report
 
 
-def _check_weights(report, cfg, train_set, distiller, device) -> None:
+def _check_weights(report, cfg, batches, distiller, device) -> None:
     """Each term's weight (auto ones chosen as training will) and its gradient ratio."""
     batches = (
         batch_to_device(images, targets, device)
-        for images, targets in first_training_batches(
-            train_set, cfg.data.batch_size, cfg.seed, cfg.distill.auto_batches
-        )
+        for images, targets in batches.first(cfg.distill.auto_batches)
     )
     distiller.train()
     try:
@@ -173,10 +176,9 @@ def _check_weights(report, cfg, train_set, distiller, device) -> None:
 NEAR_ZERO = 1e-5
 
 
-def _check_step_zero(report, cfg, train_set, student, teacher, distiller, device) -> None:
-    """Shapes per level and every loss term's size on one batch, without an optimiser step."""
-    batch = [train_set[i] for i in range(min(cfg.data.batch_size, len(train_set)))]
-    images, targets = batch_to_device(*collate_fn(batch), device)
+def _check_step_zero(report, cfg, batches, student, teacher, distiller, device) -> None:
+    """Shapes per level and every loss term's size on the run's first batch, without a step."""
+    images, targets = batch_to_device(*next(batches.first(1)), device)
     torch.manual_seed(cfg.seed)
     student.train()
     with torch.no_grad():

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detdistill.engine.config_schema import ConfigError
+from detdistill.data.loader import collate_fn
+from detdistill.errors import ConfigError
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -123,23 +124,56 @@ class SeededAugmentation(Dataset):
                 np.random.set_state(np_state)
 
 
-def first_training_batches(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    count: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[tuple[list[Any], list[Any]]]:
-    """The first ``count`` batches of a run's epoch 0 as (images, targets), augmented as in training.
+class TrainingBatches:
+    """A run's training batches, made one way for training, ``auto`` weights and ``doctor``.
 
-    ``auto`` weights are measured on these; ``detdistill doctor`` draws the same
-    ones, so the weights it shows are the ones training will choose.
+    Seeded augmentation (:class:`SeededAugmentation`), the shuffled resumable
+    sampler and ``collate_fn``: :meth:`loader` gives one epoch's batches from
+    any point, :meth:`first` the first batches of epoch 0, exactly those
+    training starts with, so the weights ``auto`` measures and the batches
+    ``doctor`` shows are the ones the run trains on.
     """
-    augmented = SeededAugmentation(dataset, seed)
-    sampler = ResumableBatchSampler(
-        len(augmented), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size
-    )
-    for indices in itertools.islice(iter(sampler), count):
-        samples = [augmented[i] for i in indices]
-        yield [image for image, _ in samples], [target for _, target in samples]
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        *,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = SeededAugmentation(dataset, seed)
+        self.sampler = ResumableBatchSampler(
+            len(self.dataset), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size
+        )
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        """Batches per epoch (of this rank)."""
+        return self.sampler.batches_per_epoch()
+
+    def loader(
+        self, epoch: int, start_batch: int = 0, num_workers: int | None = None
+    ) -> DataLoader:
+        """Epoch ``epoch``'s batches from batch ``start_batch`` on (a resumed run's position).
+
+        ``num_workers`` changes only who loads a sample, never what it is: the
+        augmentation depends on (seed, epoch, index) alone.
+        """
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start_batch)
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate_fn,
+            num_workers=self.num_workers if num_workers is None else num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def first(self, count: int) -> Iterator[tuple[list[Any], list[Any]]]:
+        """The first ``count`` batches of epoch 0, loaded in this process."""
+        return itertools.islice(iter(self.loader(0, num_workers=0)), count)
