@@ -29,7 +29,7 @@ from detdistill.analysis import (
 from detdistill.analysis.plots import plot_rank_histograms
 from detdistill.data import DataError
 from detdistill.distill import IncompatibleModelsError
-from detdistill.engine.config import ConfigError
+from detdistill.errors import ConfigError
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ from detdistill.distill.auto_weights import (
     measure_gradients,
     parse_weight,
 )
-from detdistill.engine.config import ConfigError, load_config
+from detdistill.engine.config import load_config
 from detdistill.engine.metrics_log import read_metrics
 from detdistill.engine.presets import load_preset_or_file, preset_path
 from detdistill.engine.trainer import Trainer, run
+from detdistill.errors import ConfigError
 from detdistill.losses import list_methods
 from test_distill import batch, detector_for, tiny
 from test_trainer import TINY

@@ -9,7 +9,6 @@ import yaml
 
 from detdistill.engine.config import (
     Config,
-    ConfigError,
     DistillConfig,
     ModelConfig,
     apply_overrides,
@@ -21,6 +20,7 @@ from detdistill.engine.config import (
     save_config,
 )
 from detdistill.engine.validate import validate_config
+from detdistill.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))

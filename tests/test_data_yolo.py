@@ -26,9 +26,10 @@ from detdistill.data import (
 )
 from detdistill.data.yolo import label_path
 from detdistill.engine.builders import build_datasets
-from detdistill.engine.config import ConfigError, load_config
+from detdistill.engine.config import load_config
 from detdistill.engine.evaluate_checkpoint import evaluation_data
 from detdistill.engine.presets import preset_path
+from detdistill.errors import ConfigError
 
 H, W = 24, 32  # every test image is 32 wide, 24 high
 

@@ -20,9 +20,9 @@ from torchvision.models import detection as tvd
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detdistill.engine.builders import build_model
-from detdistill.engine.config import ConfigError, config_from_dict
+from detdistill.engine.config import config_from_dict
 from detdistill.engine.config_schema import ModelConfig
-from detdistill.errors import DetDistillError
+from detdistill.errors import ConfigError, DetDistillError
 from detdistill.models import build_detector
 from detdistill.models.detector_weights import (
     PRIOR_PROBABILITY,

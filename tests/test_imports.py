@@ -18,10 +18,11 @@ from detdistill.cli import main
 from detdistill.data import EMBEDDED_DATASETS, make_embedded
 from detdistill.engine.builders import build_model, load_detector
 from detdistill.engine.checkpoint import make_weights_payload, save_checkpoint
-from detdistill.engine.config import Config, ConfigError, apply_overrides, config_to_dict
+from detdistill.engine.config import Config, apply_overrides, config_to_dict
 from detdistill.engine.optim import OPTIMIZERS
 from detdistill.engine.presets import preset_path
 from detdistill.engine.validate import validate_config
+from detdistill.errors import ConfigError
 from detdistill.losses.methods import METHODS
 from detdistill.models.registry import DETECTORS
 from detdistill.registry import PLUGIN_GROUP, PluginError

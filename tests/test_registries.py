@@ -13,7 +13,7 @@ from detdistill.cli import build_parser, main
 from detdistill.data import EMBEDDED_DATASETS, CocoDetection, make_embedded, register_embedded
 from detdistill.data.embedded import shapes
 from detdistill.engine.builders import DATA_FORMATS, build_datasets, register_data_format
-from detdistill.engine.config import Config, ConfigError, TrainConfig, apply_overrides
+from detdistill.engine.config import Config, TrainConfig, apply_overrides
 from detdistill.engine.optim import (
     OPTIMIZERS,
     SCHEDULES,
@@ -23,6 +23,7 @@ from detdistill.engine.optim import (
     register_schedule,
 )
 from detdistill.engine.schedule import lr_factor
+from detdistill.errors import ConfigError
 from detdistill.registry import Registry
 
 

@@ -9,8 +9,8 @@ import torch
 
 from conftest import train_tiny
 from detdistill.data.tiles import TiledDataset, TileSettings, crop_targets
-from detdistill.engine.config import ConfigError
 from detdistill.engine.sampling import SeededAugmentation
+from detdistill.errors import ConfigError
 
 
 def test_crop_rule_worked_by_hand():

@@ -13,7 +13,7 @@ import torch
 from conftest import train_tiny
 from detdistill.distill import Distiller
 from detdistill.engine.checkpoint import save_checkpoint
-from detdistill.engine.config import ConfigError
+from detdistill.errors import ConfigError
 from detdistill.losses import IncompatibleModelsError, list_methods
 from detdistill.models import build_detector
 from detdistill.models.yolo import LetterboxTransform, MissingExtraError, import_ultralytics

@@ -93,7 +93,7 @@ def _slices(args: argparse.Namespace) -> Any:
     try:
         return SliceSettings(args.slice_size, args.slice_overlap, merge=args.slice_merge)
     except ValueError as exc:
-        from detdistill.engine.config import ConfigError
+        from detdistill.errors import ConfigError
 
         raise ConfigError(str(exc)) from None
 
@@ -129,9 +129,9 @@ def add_demo_parser(sub: Subparsers) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, distill: bool) -> int:
-    from detdistill.engine.config import ConfigError
     from detdistill.engine.presets import load_preset_or_file
     from detdistill.engine.trainer import run
+    from detdistill.errors import ConfigError
 
     cfg = load_preset_or_file(args.config, args.overrides)
     if distill and cfg.distill is None:

@@ -50,19 +50,17 @@ import yaml
 
 from detdistill.engine.config_schema import (
     Config,
-    ConfigError,
     DataConfig,
     DistillConfig,
     ModelConfig,
     TileConfig,
     TrainConfig,
 )
-from detdistill.errors import UnknownNameError
+from detdistill.errors import ConfigError, UnknownNameError
 from detdistill.registry import Registry
 
 __all__ = [
     "Config",
-    "ConfigError",
     "DataConfig",
     "DistillConfig",
     "ModelConfig",

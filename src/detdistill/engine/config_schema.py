@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from detdistill.distill.auto_weights import DEFAULT_BATCHES, DEFAULT_RATIOS
-from detdistill.errors import ConfigError
 
 __all__ = [
     "Config",
-    "ConfigError",
     "DataConfig",
     "DistillConfig",
     "ModelConfig",

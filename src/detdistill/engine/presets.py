@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from detdistill.engine.config import Config, ConfigError, load_config
+from detdistill.engine.config import Config, load_config
+from detdistill.errors import ConfigError
 
 PRESET_DIR = Path(str(resources.files("detdistill") / "configs"))
 

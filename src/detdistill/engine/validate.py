@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from detdistill.engine.builders import DATA_FORMATS
 from detdistill.engine.config import import_modules, registered
-from detdistill.engine.config_schema import Config, ConfigError
+from detdistill.engine.config_schema import Config
 from detdistill.engine.optim import OPTIMIZERS, SCHEDULES
-from detdistill.errors import UnknownNameError
+from detdistill.errors import ConfigError, UnknownNameError
 from detdistill.losses import build_method
 from detdistill.models.registry import DETECTORS
 
