@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from detdistill.data.errors import ImageReadError
 from detdistill.data.image_io import read_image
 from detdistill.errors import ConfigError, DetDistillError
+from detdistill.evaluation import coco_detections
 from detdistill.jsonio import dumps
 from detdistill.slicing import SlicedDetector, SliceSettings
 
@@ -332,18 +333,8 @@ def run_predict(
                     "width": int(array.shape[1]),
                 }
             )
-            for box, score, label in zip(
-                det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
-            ):
-                x0, y0, x1, y1 = box
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": predictor.category_id(label),
-                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                        "score": round(float(score), 5),
-                    }
-                )
+            category_ids = [predictor.category_id(label) for label in det["labels"].tolist()]
+            results += coco_detections(image_id, det["boxes"], category_ids, det["scores"])
         bar.update(len(batch))
         bar.set_postfix(detections=len(results), skipped=len(skipped))
     bar.close()

@@ -16,7 +16,7 @@ from detdistill.distill.adapters import (
 )
 from detdistill.distill.auto_weights import TermBalance, format_balance
 from detdistill.distill.compat import check_compatible
-from detdistill.distill.distiller import Distiller
+from detdistill.distill.distiller import Distiller, trainable_parameters
 from detdistill.losses import IncompatibleModelsError
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "build_tap_adapters",
     "check_compatible",
     "format_balance",
+    "trainable_parameters",
 ]

@@ -35,7 +35,12 @@ from detdistill.distill.compat import check_compatible, check_taps
 from detdistill.losses import DistillBatch, build_method
 from detdistill.models.output import DetectorOutput
 
-__all__ = ["Distiller"]
+__all__ = ["Distiller", "trainable_parameters"]
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` that train (a frozen backbone stage's do not)."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 class Distiller(nn.Module):
@@ -153,7 +158,7 @@ class Distiller(nn.Module):
         object.__setattr__(self, "_runner", wrapper)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.branch.parameters() if p.requires_grad]
+        return trainable_parameters(self.branch)
 
     @property
     def needs_balance(self) -> bool:
@@ -185,7 +190,7 @@ class Distiller(nn.Module):
         """
         by_kind = check_ratios(ratios or {})
         names = list(self.methods)
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        params = trainable_parameters(self.student)
 
         def terms() -> Iterable[tuple[Tensor, dict[str, Tensor]]]:
             for images, targets in batches:
@@ -244,7 +249,7 @@ class Distiller(nn.Module):
     def _guard(self, step: int, detection: Tensor, distill: dict[str, Tensor]) -> None:
         """Lower an ``auto`` weight whose term outgrew its target ratio (module docstring of
         :mod:`detdistill.distill.auto_weights`); measured on this batch's graph, nothing trained."""
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        params = trainable_parameters(self.student)
         measured = measure_gradients(params, [(detection, distill)], self.auto_methods)
         current = {name: self.weights[name] for name in self.auto_methods}
         for name, weight in guard_weights(current, measured, self.auto_ratios).items():

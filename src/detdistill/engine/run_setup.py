@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
 from detdistill.data.errors import DataError
-from detdistill.distill import Distiller
+from detdistill.distill import Distiller, trainable_parameters
 from detdistill.engine.builders import DataSplits, build_datasets, build_model, load_detector
 from detdistill.engine.checkpoint import file_sha256
 from detdistill.engine.config import Config
@@ -134,7 +134,7 @@ def build_run(cfg: Config, data: DataSplits | None = None) -> RunSetup:
         runner = DistributedDataParallel(trainable, device_ids=device_ids)
         if distiller is not None:
             distiller.wrap_student(runner)
-    optimizer = build_optimizer([p for p in trainable.parameters() if p.requires_grad], cfg.train)
+    optimizer = build_optimizer(trainable_parameters(trainable), cfg.train)
     batches = TrainingBatches(
         data.train,
         cfg.data.batch_size,

@@ -10,10 +10,16 @@ from detdistill.evaluation.coco_eval import (
     per_class_from_eval,
     run_coco_eval,
 )
-from detdistill.evaluation.evaluator import evaluate, ground_truth_of, to_coco_results
+from detdistill.evaluation.evaluator import (
+    coco_detections,
+    evaluate,
+    ground_truth_of,
+    to_coco_results,
+)
 
 __all__ = [
     "METRIC_KEYS",
+    "coco_detections",
     "coco_metrics",
     "evaluate",
     "evaluate_detections",

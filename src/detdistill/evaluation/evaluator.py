@@ -43,6 +43,27 @@ def ground_truth_of(dataset: Any) -> GroundTruth:
     )
 
 
+def coco_detections(
+    image_id: int, boxes: Tensor, category_ids: Sequence[int], scores: Tensor
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO results: ``bbox`` in xywh pixels (3 decimals), ``score``.
+
+    ``boxes`` are ``(N, 4)`` xyxy in the original image's pixels. The one
+    conversion ``eval``'s results and ``predict``'s ``results.json`` share.
+    """
+    boxes = boxes.detach().float().cpu().reshape(-1, 4)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    return [
+        {
+            "image_id": image_id,
+            "category_id": int(c),
+            "bbox": [round(v, 3) for v in b],
+            "score": float(s),
+        }
+        for b, c, s in zip(xywh.tolist(), category_ids, scores.tolist(), strict=True)
+    ]
+
+
 def to_coco_results(
     outputs: Sequence[dict[str, Tensor]],
     targets: Sequence[dict[str, Any]],
@@ -76,23 +97,9 @@ def to_coco_results(
         boxes = boxes * torch.tensor([ow / w, oh / h, ow / w, oh / h])
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
         cats = torch.tensor(list(category_ids), dtype=torch.long)[labels]
         image_id = int(target["image_id"])
-        results.append(
-            (
-                image_id,
-                [
-                    {
-                        "image_id": image_id,
-                        "category_id": int(c),
-                        "bbox": [round(v, 3) for v in b],
-                        "score": float(s),
-                    }
-                    for b, c, s in zip(xywh.tolist(), cats.tolist(), scores.tolist(), strict=True)
-                ],
-            )
-        )
+        results.append((image_id, coco_detections(image_id, boxes, cats.tolist(), scores)))
     return results
 
 
