@@ -246,6 +246,7 @@ def test_quick_demo_prints_its_table_and_reuses_the_teacher(tmp_path, capsys, on
         ("train", "data.batch_size=64", ["data.batch_size", "16 images"]),
         ("train", "model.num_classes=5", ["model.num_classes", "6 classes"]),
         ("distill", "distill.methods={rmm: auto}", ["distill.methods", "'rmm'", "crosskd"]),
+        ("distill", "distill.methods={}", ["distill.methods is empty", "detdistill train"]),
         ("distill", "distill.method_options={rm: {tempreature: 2}}",
          ["distill.method_options.rm", "tempreature", "temperature"]),
         ("distill", "distill.method_options={pfi: {norm: mean}}",

@@ -204,12 +204,21 @@ def overfit_teacher(tmp_path_factory) -> tuple[Path, list[str]]:
     return root / "run" / "model.pt", data
 
 
+def _guide_method() -> str:
+    """docs/adding-a-method.md's worked method (``boxl1``, reading the NECK tap), as written there."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "adding-a-method.md").read_text()
+    code = guide.split("```python\n", 1)[1].split("```", 1)[0]
+    return code.split("\ndef tiny(", 1)[0]  # the imports and the class, not the example's run
+
+
 @pytest.mark.slow  # trains a teacher and spawns `python -m detdistill` (about 10 s)
-def test_a_method_outside_the_package_works_from_the_command_line(overfit_teacher, tmp_path):
-    """docs/adding-a-method.md, "Using it from the command line": a module on PYTHONPATH."""
+def test_the_guides_method_outside_the_package_works_from_the_command_line(
+    overfit_teacher, tmp_path
+):
+    """docs/adding-a-method.md, "Using it from the command line": its module on PYTHONPATH."""
     teacher, data = overfit_teacher
-    (tmp_path / "my_methods.py").write_text(MY_METHODS)
-    overrides = [*TINY_OVERRIDES, *data, "imports=[my_methods]", "distill.methods={my_l1: 1.0}",
+    (tmp_path / "my_methods.py").write_text(_guide_method())
+    overrides = [*TINY_OVERRIDES, *data, "imports=[my_methods]", "distill.methods={boxl1: auto}",
                  "train.max_steps=2", f"distill.teacher_checkpoint={teacher}",
                  f"output_dir={tmp_path / 'run'}"]  # fmt: skip
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
@@ -220,5 +229,5 @@ def test_a_method_outside_the_package_works_from_the_command_line(overfit_teache
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "[OK  ] my_l1:" in done.stdout, done.stdout
+    assert "[OK  ] boxl1:" in done.stdout, done.stdout
     assert "max_steps: weights in" in done.stdout and (tmp_path / "run" / "model.pt").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,10 +16,12 @@ from detdistill.engine.builders import (
     build_eval_loader,
     load_detector,
 )
+from detdistill.engine.config import registered
 from detdistill.engine.distributed import resolve_device
 from detdistill.errors import ConfigError
 from detdistill.evaluation import evaluate
 from detdistill.jsonio import dumps
+from detdistill.registry import Registry
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 
@@ -39,6 +42,37 @@ def _images_dir(annotation_file: Path, images: str | Path | None) -> Path:
     raise FileNotFoundError(f"no images folder next to {annotation_file}: pass --images")
 
 
+#: How ``eval``/``analyze --data PATH --format NAME`` reads PATH: ``(data, images, split,
+#: transforms, class names) -> EvalData``. A user's module adds one with
+#: ``@register_eval_format("name")``; the CLI lists these names.
+EvalReader = Callable[[Path, "str | Path | None", str, Any, list[str]], EvalData]
+EVAL_FORMATS: Registry[EvalReader] = Registry("evaluation data format")
+register_eval_format = EVAL_FORMATS.register
+
+
+@register_eval_format("coco")
+def _coco(data: Path, images, split: str, transforms: Any, class_names: list[str]) -> EvalData:
+    """A COCO annotation file; images from ``images``, else ``images/`` beside it, else its folder."""
+    dataset = CocoDetection(_images_dir(data, images), data, transforms, class_names=class_names)
+    return EvalData(dataset, f"COCO `{data}`", data.stem)
+
+
+@register_eval_format("voc")
+def _voc(data: Path, images, split: str, transforms: Any, class_names: list[str]) -> EvalData:
+    """A VOC directory and its ``split``."""
+    dataset = VOCDetection(data, split, class_names=class_names, transforms=transforms)
+    return EvalData(dataset, f"VOC `{data}` split `{split}`", f"{data.name}_{split}")
+
+
+@register_eval_format("yolo")
+def _yolo(data: Path, images, split: str, transforms: Any, class_names: list[str]) -> EvalData:
+    """An Ultralytics ``data.yaml`` and its key ``split``."""
+    if images is not None:
+        raise ConfigError("--images is for COCO data: a data.yaml names its own image folders")
+    dataset = YoloDetection(data, split, transforms, class_names=class_names)
+    return EvalData(dataset, f"YOLO `{data}` split `{split}`", f"{data.stem}_{split}")
+
+
 def evaluation_data(
     loaded: LoadedModel,
     data: str | Path | None = None,
@@ -50,10 +84,8 @@ def evaluation_data(
     """The data set ``eval`` and ``analyze`` use for a saved model (one rule for both).
 
     Without ``data``: the validation set of the model's own saved config. With
-    it: a COCO annotation file (images from ``images``, else an ``images/``
-    folder beside it, else its folder), a VOC directory and ``split``, or a
-    YOLO ``data.yaml`` and ``split`` (its key). The
-    data set's classes must be the model's, or the error names them.
+    it: ``data`` read by the registered ``data_format`` (:data:`EVAL_FORMATS`).
+    The data set's classes must be the model's, or the error names them.
     ``native_size`` keeps the images at their own resolution (sliced evaluation)
     instead of resizing them to the model's training size.
     """
@@ -65,23 +97,8 @@ def evaluation_data(
         if native_size:
             dataset.transforms = build_transforms(False, None)
         return EvalData(dataset, "the model's validation set (from its saved config)", "val")
-    transforms = build_transforms(False, image_size)
-    if data_format == "voc":
-        dataset = VOCDetection(data, split, class_names=loaded.class_names, transforms=transforms)
-        return EvalData(dataset, f"VOC `{data}` split `{split}`", f"{Path(data).name}_{split}")
-    if data_format == "yolo":
-        if images is not None:
-            raise ConfigError("--images is for COCO data: a data.yaml names its own image folders")
-        dataset = YoloDetection(data, split, transforms, class_names=loaded.class_names)
-        return EvalData(dataset, f"YOLO `{data}` split `{split}`", f"{Path(data).stem}_{split}")
-    if data_format != "coco":
-        raise ConfigError(f"data_format must be 'coco', 'voc' or 'yolo', got {data_format!r}")
-    annotation_file = Path(data)
-    dataset = CocoDetection(
-        _images_dir(annotation_file, images), annotation_file, transforms,
-        class_names=loaded.class_names,
-    )  # fmt: skip
-    return EvalData(dataset, f"COCO `{annotation_file}`", annotation_file.stem)
+    read = registered(EVAL_FORMATS, data_format, "--format")
+    return read(Path(data), images, split, build_transforms(False, image_size), loaded.class_names)
 
 
 def evaluate_checkpoint(

@@ -37,6 +37,12 @@ def validate_config(cfg: Config) -> None:
         registered(DETECTORS, model.name, key)
     if cfg.distill is None:
         return
+    if not cfg.distill.methods:
+        raise ConfigError(
+            "distill.methods is empty: a student without a method is plain training "
+            "(detdistill train <student config>, or drop the distill section)",
+            "distill.methods",
+        )
     options = cfg.distill.method_options
     unused = sorted(set(options) - set(cfg.distill.methods))
     if unused:

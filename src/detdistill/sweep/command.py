@@ -79,6 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Plan (all checks first), train or read every run, write and print the table."""
+    from detdistill.engine.config import import_modules
+    from detdistill.engine.presets import load_preset_or_file
     from detdistill.sweep.execute import run_sweep
     from detdistill.sweep.plan import parse_row, plan_sweep
     from detdistill.sweep.table import markdown, write_report
@@ -88,6 +90,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
     workdir = Path(args.workdir or f"runs/sweep_{Path(args.config).stem}")
+    # The config's own modules (imports:) first: a row may name a method one registers.
+    import_modules(load_preset_or_file(args.config, args.overrides).imports)
     rows = None if args.methods is None else [parse_row(m) for m in args.methods]
     plan = plan_sweep(
         args.config,
