@@ -76,8 +76,8 @@ def run_demo(
 
     The two students need only the teacher, not each other, so they train side
     by side, each in its own process with half the cores: small models use two
-    threads poorly: on 2 cores the two took 5.2 min side by side, 6.2 one after
-    the other at 2 threads.
+    threads poorly (the timings, side by side and one after the other, are in
+    ``benchmarks/results/demo.json``).
     """
     start = time.perf_counter()
     phase_minutes: dict[str, float] = {}
