@@ -22,7 +22,7 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 def _trace_one_step() -> list[tuple[str, str]]:
     """(file under src/detdistill, caller's file) of every call until rank_mimicking_loss."""
     distiller = Distiller(tiny(width=8), tiny(width=16), {"rm": 1.0}).train()
-    images, targets = batch()
+    images, targets = batch_to_device(*batch(), "cpu")  # as TrainingBatches yields it
     calls: list[tuple[str, str]] = []
 
     def ours(frame) -> str | None:
@@ -40,7 +40,7 @@ def _trace_one_step() -> list[tuple[str, str]]:
 
     sys.settrace(tracer)
     try:  # what Trainer.train_step does with a batch from the loader
-        distiller(*batch_to_device(images, targets, "cpu"))
+        distiller(images, targets)
     finally:
         sys.settrace(None)
     return calls

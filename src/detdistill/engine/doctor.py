@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Subset
 
-from detdistill.data.loader import batch_to_device
 from detdistill.distill import Distiller, IncompatibleModelsError
 from detdistill.distill.auto_weights import format_balance
 from detdistill.engine.builders import (
@@ -69,7 +68,7 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         f"data: {len(data.train)} train / {len(data.val)} val images, {len(data.class_names)} classes",
     )
     try:  # the batches training starts with, made as the trainer makes them
-        batches = TrainingBatches(data.train, cfg.data.batch_size, cfg.seed)
+        batches = TrainingBatches(data.train, cfg.data.batch_size, cfg.seed, device=device)
     except ConfigError as exc:
         report.add("FAIL", str(exc))
         return report
@@ -131,25 +130,16 @@ def run_doctor(cfg: Config, max_eval_images: int = TEACHER_EVAL_IMAGES) -> Docto
         report.add(
             "OK", "teacher and student are compatible (levels, strides, anchors, classes, input)"
         )
-        _check_weights(report, cfg, batches, distiller, device)
+        _check_weights(report, cfg, batches, distiller)
     _check_step_zero(
-        report,
-        cfg,
-        batches,
-        student,
-        teacher,
-        distiller if teacher is not None else None,
-        device,
+        report, cfg, batches, student, teacher, distiller if teacher is not None else None
     )
     return report
 
 
-def _check_weights(report, cfg, batches, distiller, device) -> None:
+def _check_weights(report, cfg, batches, distiller) -> None:
     """Each term's weight (auto ones chosen as training will) and its gradient ratio."""
-    batches = (
-        batch_to_device(images, targets, device)
-        for images, targets in batches.first(cfg.distill.auto_batches)
-    )
+    batches = batches.first(cfg.distill.auto_batches)
     distiller.train()
     try:
         chosen = distiller.balance(batches, cfg.distill.auto_ratio)
@@ -176,9 +166,9 @@ def _check_weights(report, cfg, batches, distiller, device) -> None:
 NEAR_ZERO = 1e-5
 
 
-def _check_step_zero(report, cfg, batches, student, teacher, distiller, device) -> None:
+def _check_step_zero(report, cfg, batches, student, teacher, distiller) -> None:
     """Shapes per level and every loss term's size on the run's first batch, without a step."""
-    images, targets = batch_to_device(*next(batches.first(1)), device)
+    images, targets = next(batches.first(1))
     torch.manual_seed(cfg.seed)
     student.train()
     with torch.no_grad():

@@ -139,10 +139,10 @@ def build_run(cfg: Config, data: DataSplits | None = None) -> RunSetup:
         data.train,
         cfg.data.batch_size,
         cfg.seed,
+        device=device,
         num_workers=cfg.data.num_workers,
         rank=dist.rank,
         world_size=dist.world_size,
-        pin_memory=device.type == "cuda",
     )
     amp = cfg.train.amp and device.type == "cuda"
     ema = None

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detdistill.data.loader import collate_fn
+from detdistill.data.loader import batch_to_device, collate_fn
 from detdistill.errors import ConfigError
 
 
@@ -128,10 +129,10 @@ class TrainingBatches:
     """A run's training batches, made one way for training, ``auto`` weights and ``doctor``.
 
     Seeded augmentation (:class:`SeededAugmentation`), the shuffled resumable
-    sampler and ``collate_fn``: :meth:`loader` gives one epoch's batches from
-    any point, :meth:`first` the first batches of epoch 0, exactly those
-    training starts with, so the weights ``auto`` measures and the batches
-    ``doctor`` shows are the ones the run trains on.
+    sampler, ``collate_fn`` and the move to the run's device: :meth:`epoch`
+    gives one epoch's batches from any point, :meth:`first` the first batches
+    of epoch 0, exactly those training starts with, so the weights ``auto``
+    measures and the batches ``doctor`` shows are the ones the run trains on.
     """
 
     def __init__(
@@ -140,25 +141,25 @@ class TrainingBatches:
         batch_size: int,
         seed: int,
         *,
+        device: torch.device | str = "cpu",
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        pin_memory: bool = False,
     ) -> None:
         self.dataset = SeededAugmentation(dataset, seed)
         self.sampler = ResumableBatchSampler(
             len(self.dataset), batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size
         )
+        self.device = torch.device(device)
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
         """Batches per epoch (of this rank)."""
         return self.sampler.batches_per_epoch()
 
-    def loader(
+    def epoch(
         self, epoch: int, start_batch: int = 0, num_workers: int | None = None
-    ) -> DataLoader:
+    ) -> Iterator[tuple[list[Tensor], list[dict[str, Any]]]]:
         """Epoch ``epoch``'s batches from batch ``start_batch`` on (a resumed run's position).
 
         ``num_workers`` changes only who loads a sample, never what it is: the
@@ -166,14 +167,16 @@ class TrainingBatches:
         """
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch, start_batch)
-        return DataLoader(
+        loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
             collate_fn=collate_fn,
             num_workers=self.num_workers if num_workers is None else num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.device.type == "cuda",
         )
+        for images, targets in loader:
+            yield batch_to_device(images, targets, self.device)
 
-    def first(self, count: int) -> Iterator[tuple[list[Any], list[Any]]]:
+    def first(self, count: int) -> Iterator[tuple[list[Tensor], list[dict[str, Any]]]]:
         """The first ``count`` batches of epoch 0, loaded in this process."""
-        return itertools.islice(iter(self.loader(0, num_workers=0)), count)
+        return itertools.islice(self.epoch(0, num_workers=0), count)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from detdistill.data.loader import batch_to_device
 from detdistill.distill import format_balance
 from detdistill.engine.builders import DataSplits, build_eval_loader, evaluation_model
 from detdistill.engine.checkpoint import STATE_FILE
@@ -77,10 +76,7 @@ class Trainer:
         setup, distill_cfg = self.setup, self.cfg.distill
         assert setup.distiller is not None and distill_cfg is not None
         start = time.perf_counter()
-        batches = (
-            batch_to_device(images, targets, setup.device)
-            for images, targets in setup.batches.first(distill_cfg.auto_batches)
-        )
+        batches = setup.batches.first(distill_cfg.auto_batches)
         with torch.autocast(setup.device.type, enabled=setup.amp):
             chosen = setup.distiller.balance(batches, distill_cfg.auto_ratio)
         self.progress.balance = {name: b.as_dict() for name, b in chosen.items()}
@@ -126,7 +122,6 @@ class Trainer:
         self, images: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         setup, progress = self.setup, self.progress
-        images, targets = batch_to_device(images, targets, setup.device)
         losses = self.losses(images, targets)
         total = sum(losses.values())
         if not torch.isfinite(total):
@@ -234,10 +229,9 @@ class Trainer:
             setup.model.set_epoch(progress.epoch, cfg.train.epochs)
         if setup.distiller is not None:
             setup.distiller.train()
-        loader = setup.batches.loader(progress.epoch, progress.batch_in_epoch)
         bar = tqdm(
-            loader,
-            total=len(loader),
+            setup.batches.epoch(progress.epoch, progress.batch_in_epoch),
+            total=len(setup.batches) - progress.batch_in_epoch,
             desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
             disable=not self.show_progress,
             dynamic_ncols=True,
