@@ -194,10 +194,13 @@ IN_PROCESS: dict[str, Callable[[Path], dict[str, Any]]] = {
 # --- the sections, in order: (name, needs CUDA, timeout s, command) ----------------------------
 
 
-def sections(cuda: bool, json_out: Path) -> list[tuple[str, bool, int, list[str]]]:
+def sections(
+    cuda: bool, json_out: Path, pytest_args: list[str]
+) -> list[tuple[str, bool, int, list[str]]]:
     tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cuda_test_files()]
     if not cuda:
         tests += ["-m", "not slow"]  # the CPU branches, quickly
+    tests += pytest_args
     me = [sys.executable, str(Path(__file__).resolve())]
     return [
         ("tests", False, 150, tests),
@@ -245,6 +248,8 @@ def main() -> None:
                         help="default: benchmarks/results/gpu_check_<device>.json")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=BUDGET_S,
                         help="all sections together stop by then (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--pytest-arg", dest="pytest_args", action="append", default=[],
+                        help="extra argument of the tests section (e.g. --collect-only)")  # fmt: skip
     parser.add_argument("--section", choices=list(IN_PROCESS), default=None,
                         help="run one in-process section and write its JSON to --out (internal)")  # fmt: skip
     args = parser.parse_args()
@@ -261,7 +266,7 @@ def main() -> None:
     report: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         json_out = Path(tmp) / "section.json"
-        for name, needs_cuda, timeout, command in sections(cuda, json_out):
+        for name, needs_cuda, timeout, command in sections(cuda, json_out, args.pytest_args):
             left = deadline - time.monotonic()
             if needs_cuda and not cuda:
                 report[name] = {"status": "skipped", "reason": "no CUDA device on this machine"}
