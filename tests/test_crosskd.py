@@ -159,7 +159,9 @@ def test_crosskd_of_a_student_equal_to_its_teacher_has_no_gradient(detector):
 
 
 def test_crosskd_names_the_tower_it_cannot_reuse():
-    with pytest.raises(IncompatibleModelsError, match=r"crosskd reads the head towers before their last 3"):
+    with pytest.raises(
+        IncompatibleModelsError, match=r"crosskd reads the head towers before their last 3"
+    ):
         Distiller(
             tiny(width=8), tiny(width=16, num_convs=2), {"crosskd": 1.0},
             method_options={"crosskd": {"teacher_convs": 3}},

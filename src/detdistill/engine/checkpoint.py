@@ -214,5 +214,3 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.set_rng_state(torch.as_tensor(state["torch"]).cpu().to(torch.uint8))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.as_tensor(state["cuda"]).cpu().to(torch.uint8))
-
-
