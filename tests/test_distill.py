@@ -223,3 +223,11 @@ def test_compiled_teacher_gives_the_eager_outputs():
     eager = Distiller(tiny(width=8, **one_level), tiny(width=16, **one_level), {"pfi": 1.0})
     for a, b in zip(_flat(_teacher_outputs(compiled)), _flat(_teacher_outputs(eager)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_holds_each_weight_once():
+    distiller = Distiller(tiny(width=8), tiny(width=16), {"pfi": 1.0})
+    keys = list(distiller.state_dict())
+    assert not [k for k in keys if k.startswith("_runner")]
+    expected = len(distiller.branch.state_dict()) + len(distiller.teacher.state_dict())
+    assert len(keys) == expected + len(distiller.methods.state_dict())

@@ -124,7 +124,9 @@ class Distiller(nn.Module):
         # w L_m / L_det of each auto term at the guard's last check (saved with the run state).
         self.guard_reference: dict[str, float] = {}
         self.teacher_half = teacher_half
-        self._runner: nn.Module = self.branch
+        # What runs the branch: itself, or its DDP wrapper (wrap_student). Kept out of the
+        # module tree, so the branch's weights appear once in state_dict.
+        object.__setattr__(self, "_runner", self.branch)
 
     @property
     def student(self) -> nn.Module:
