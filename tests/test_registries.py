@@ -14,15 +14,8 @@ from detdistill.data import EMBEDDED_DATASETS, CocoDetection, make_embedded, reg
 from detdistill.data.embedded import shapes
 from detdistill.engine.builders import DATA_FORMATS, build_datasets, register_data_format
 from detdistill.engine.config import Config, TrainConfig, apply_overrides
-from detdistill.engine.optim import (
-    OPTIMIZERS,
-    SCHEDULES,
-    build_optimizer,
-    build_schedule,
-    register_optimizer,
-    register_schedule,
-)
-from detdistill.engine.schedule import lr_factor
+from detdistill.engine.optim import OPTIMIZERS, build_optimizer, build_schedule, register_optimizer
+from detdistill.engine.schedule import SCHEDULES, lr_factor, register_schedule
 from detdistill.errors import ConfigError
 from detdistill.registry import Registry
 

@@ -133,7 +133,7 @@ class TrainConfig:
     """Optimisation schedule; ``max_steps`` stops early for smoke runs."""
 
     epochs: int = field(default=12, metadata=_POSITIVE)
-    # Registered names (OPTIMIZERS and SCHEDULES in detdistill.engine.optim), checked in
+    # Registered names (OPTIMIZERS in detdistill.engine.optim, SCHEDULES in detdistill.engine.schedule), checked in
     # detdistill.engine.validate like data.format.
     optimizer: str = "sgd"
     lr: float = field(default=0.01, metadata=_POSITIVE)

@@ -17,16 +17,14 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from detdistill.engine.config import TrainConfig, registered
-from detdistill.engine.schedule import SCHEDULES, build_scheduler, lr_factor, register_schedule
+from detdistill.engine.schedule import SCHEDULES, lr_factor
 from detdistill.registry import Registry
 
 __all__ = [
     "OPTIMIZERS",
-    "SCHEDULES",
     "build_optimizer",
     "build_schedule",
     "register_optimizer",
-    "register_schedule",
 ]
 
 ParamGroups = list[dict[str, Any]]
@@ -77,4 +75,4 @@ def build_schedule(
         cfg.milestones,
         cfg.gamma,
     )
-    return build_scheduler(optimizer, factor)
+    return LambdaLR(optimizer, factor)  # stepped per iteration: one state dict to resume

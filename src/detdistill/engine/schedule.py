@@ -1,7 +1,8 @@
 """Learning-rate schedule: linear warmup, then a registered decay (cosine, step), per iteration.
 
-A ``LambdaLR`` stepped every iteration keeps the whole schedule in one state
-dict, so resuming mid-epoch restores it exactly. The decays are kept in
+:func:`lr_factor` is the multiplier of a ``LambdaLR`` stepped every iteration
+(:func:`detdistill.engine.optim.build_schedule`), which keeps the whole schedule
+in one state dict, so resuming mid-epoch restores it exactly. The decays are kept in
 :data:`SCHEDULES` (``train.schedule`` names one), so a user's module can add
 one with ``@register_schedule("name")``; the warmup is shared by all of them.
 """
@@ -12,15 +13,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch.optim.lr_scheduler import LambdaLR
-
 from detdistill.registry import Registry
 
 __all__ = [
     "SCHEDULES",
     "SchedulePlan",
-    "build_scheduler",
     "lr_factor",
     "register_schedule",
 ]
@@ -79,8 +76,3 @@ def lr_factor(
         return value
 
     return factor
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> LambdaLR:
-    """The per-iteration scheduler of ``factor`` (one state dict for resuming)."""
-    return LambdaLR(optimizer, factor)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from detdistill.engine.builders import DATA_FORMATS
 from detdistill.engine.config import import_modules, registered
 from detdistill.engine.config_schema import Config
-from detdistill.engine.optim import OPTIMIZERS, SCHEDULES
+from detdistill.engine.optim import OPTIMIZERS
+from detdistill.engine.schedule import SCHEDULES
 from detdistill.errors import ConfigError, UnknownNameError
 from detdistill.losses import build_method
 from detdistill.models.registry import DETECTORS
