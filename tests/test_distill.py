@@ -7,7 +7,7 @@ import torch
 
 from conftest import FPN_DETECTORS
 from detdistill.distill import Distiller, IncompatibleModelsError, PointwiseAdapter
-from detdistill.losses import list_methods
+from detdistill.losses import NECK, list_methods
 from detdistill.models import build_detector
 
 SIZE = 64
@@ -92,6 +92,38 @@ def test_each_method_term_reaches_the_student():
         loss.backward()
         grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), method
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "gfl"])
+def test_terms_compute_in_float32_under_autocast(detector):
+    """Under bfloat16 autocast the detectors' outputs are bfloat16; every method
+    still reads float32 tensors with autocast off, and every term is float32."""
+    methods = methods_for(detector)
+    distiller = Distiller(tiny(detector, 8), tiny(detector, 16), {m: 1.0 for m in methods}).train()
+    images, targets = batch()
+    seen = {}
+    pfi = distiller.methods["pfi"]
+    pfi_forward = pfi.forward
+
+    def probe(distill_batch):
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        outputs = (distill_batch.student, distill_batch.teacher)
+        levels = [t for o in outputs for t in (*o.features, *o.cls_logits, *o.bbox_regression)]
+        seen["dtypes"] = {t.dtype for t in (*levels, *distill_batch.tapped(NECK))}
+        return pfi_forward(distill_batch)
+
+    pfi.forward = probe
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image_list, _ = distiller.student.transform(images)
+        raw = distiller.student.forward_batch(image_list.tensors, image_list.image_sizes)
+        assert raw.cls_logits[0].dtype == torch.bfloat16  # what the Distiller upcasts
+        losses = distiller(images, targets)
+    assert seen == {"autocast": False, "dtypes": {torch.float32}}
+    for name in methods:
+        assert losses[name].dtype == torch.float32 and torch.isfinite(losses[name]), name
+    sum(losses.values()).backward()
+    grads = [p.grad for p in distiller.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_teacher_stays_in_eval_mode_and_is_not_in_student_state():

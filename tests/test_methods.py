@@ -14,6 +14,7 @@ from detdistill.losses import (
     list_methods,
     rank_mimicking_loss,
 )
+from detdistill.losses.rank_mimicking import top_iou_candidates
 from detdistill.models.output import DetectorOutput
 
 NUM_CLASSES = 3
@@ -73,12 +74,8 @@ def make_batch(equal: bool = False, seed: int = 0) -> DistillBatch:
         anchors=[anchors, anchors],
         image_sizes=sizes,
     )
-    targets = [
-        {"boxes": boxes, "labels": labels}
-        for boxes, labels in zip(gt_boxes, gt_labels, strict=True)
-    ]
     return DistillBatch(
-        student, teacher, targets, torch.zeros(n, 3, 32, 32), taps={NECK: student_feats}
+        student, teacher, gt_boxes, gt_labels, torch.zeros(n, 3, 32, 32), taps={NECK: student_feats}
     )
 
 
@@ -165,7 +162,7 @@ def test_rm_topk_candidates_are_each_objects_best_overlapping_anchors(k, assigne
         batch.student.gt_ious = [
             box_iou(b, a) for b, a in zip(batch.gt_boxes, batch.student.anchors, strict=True)
         ]
-    candidates = batch.top_iou_candidates(k)
+    candidates = top_iou_candidates(batch, k)
     anchors = batch.student.anchors[0].tolist()
     expected = set()
     for j, (box, label) in enumerate(
@@ -196,7 +193,7 @@ def test_rm_topk_candidates_take_the_assigners_ious_when_given():
     ious[0, [7, 8]] = torch.tensor([0.9, 0.8])
     ious[1, 11] = 0.5
     batch.student.gt_ious = [ious, torch.zeros(0, r)]
-    candidates = batch.top_iou_candidates(4)
+    candidates = top_iou_candidates(batch, 4)
     assert candidates.anchors.tolist() == [7, 8, 11]
     assert candidates.instances.tolist() == [0, 0, 1]
     assert candidates.images.tolist() == [0, 0, 0]

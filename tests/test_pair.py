@@ -40,8 +40,8 @@ def test_both_networks_see_one_tensor_and_the_teacher_output_is_detached():
     pair = Distiller(student, teacher, {}).train().run_pair(images, targets)
     image_list, moved = student.transform(images, targets)
     assert torch.equal(pair.images, image_list.tensors)
-    for got, want in zip(pair.targets, moved, strict=True):
-        assert torch.equal(got["boxes"], want["boxes"])
+    for boxes, labels, want in zip(pair.gt_boxes, pair.gt_labels, moved, strict=True):
+        assert torch.equal(boxes, want["boxes"]) and torch.equal(labels, want["labels"])
     with torch.no_grad():
         alone = teacher.forward_batch(image_list.tensors, image_list.image_sizes)
     for got, want in zip(pair.teacher.cls_logits, alone.cls_logits, strict=True):

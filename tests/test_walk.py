@@ -1,7 +1,8 @@
 """The walk of one training batch (docs/architecture.md), traced call by call.
 
 From the batch the loader yields to ``rank_mimicking_loss``: the files it
-passes through are the ones the architecture page lists, in that order, and no
+passes through are the ones the architecture page lists, in that order, at
+most 8 of them with the trainer that calls the step, and no
 package calls back into one that called it (calls go down: distill -> models,
 distill -> losses -> models; never models -> distill).
 """
@@ -58,6 +59,7 @@ def test_the_walk_is_the_documented_one_without_call_backs():
     documented = re.findall(r"^\d+\. `([\w/]+\.py)`", section, flags=re.MULTILINE)
     assert documented[0] == "engine/trainer.py"  # the caller of the traced step
     assert visited == documented[1:], "docs/architecture.md's walk is out of date"
+    assert len(documented) <= 8, f"one batch crosses {len(documented)} files (at most 8)"
     edges = {
         (_package(caller), _package(here))
         for here, caller in calls

@@ -205,7 +205,7 @@ def collect(
 
     for images, targets in batches:
         batch = pair.run_pair(*_on_device(images, targets, device))
-        s_out, t_out, plain = batch.student, batch.teacher, batch.targets
+        s_out, t_out = batch.student, batch.teacher
         sizes = s_out.image_sizes
         out.p_maps += prediction_maps(s_out.cls_logits, t_out.cls_logits, sizes, strides)
         if same_channels:
@@ -220,7 +220,7 @@ def collect(
                 (student, s_flat),
                 s_out.matched_idxs[i],
                 target,
-                plain[i],
+                (batch.gt_boxes[i], batch.gt_labels[i]),
                 sizes[i],
                 lookup,
                 i,
@@ -267,7 +267,7 @@ def _collect_image(
     student: tuple[nn.Module, _Flat],
     matched: Tensor,
     target: dict[str, Any],
-    plain: dict[str, Tensor],
+    ground_truth: tuple[Tensor, Tensor],
     size: tuple[int, int],
     lookup: dict[int, np.ndarray],
     i: int,
@@ -275,7 +275,7 @@ def _collect_image(
     """Record every object of image ``i`` and its candidates' scores; return their top boxes."""
     image_id = int(target.get("image_id", len(out.image_ids)))
     out.image_ids.append(image_id)
-    boxes, labels = plain["boxes"], plain["labels"]
+    boxes, labels = ground_truth  # in the batch tensor's pixels
     areas = _areas(target, boxes, size, lookup)
     objects: list[ObjectCandidates] = []
     for j in range(labels.numel()):

@@ -38,6 +38,16 @@ from detdistill.models.output import DetectorOutput
 __all__ = ["Distiller", "trainable_parameters"]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _float32(tensors: Any) -> Any:
+    """A tap's tensors (a tensor, or lists and tuples of them) with half ones as float32."""
+    if isinstance(tensors, Tensor):
+        return tensors.float() if tensors.dtype in _HALF else tensors
+    return type(tensors)(_float32(t) for t in tensors)
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters of ``module`` that train (a frozen backbone stage's do not)."""
     return [p for p in module.parameters() if p.requires_grad]
@@ -268,11 +278,17 @@ class Distiller(nn.Module):
         batch = self.run_pair(images, targets)
         detection = dict(batch.student.losses)
         distill = {}
-        for name, method in self.methods.items():
-            if name in detection:
-                raise ValueError(f"distillation method {name!r} clashes with a detection loss name")
-            with record_function(f"distill/{name}"):  # named in profiler traces
-                distill[name] = method(batch)
+        # The terms compute in float32 (run_pair's batch is float32): under float16
+        # the small differences they are made of underflow, and softmax/log of large
+        # logits overflow, the usual source of NaN in mixed-precision distillation.
+        with torch.autocast(batch.images.device.type, enabled=False):
+            for name, method in self.methods.items():
+                if name in detection:
+                    raise ValueError(
+                        f"distillation method {name!r} clashes with a detection loss name"
+                    )
+                with record_function(f"distill/{name}"):  # named in profiler traces
+                    distill[name] = method(batch)
         return detection, distill
 
     def run_pair(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> DistillBatch:
@@ -284,7 +300,8 @@ class Distiller(nn.Module):
         one to one, which is what RM's candidates and PFI's locations compare.
         The targets get the checks of plain training first. The student's
         output carries the assignment and the detection losses; the declared
-        taps come adapted to the teacher's channels.
+        taps come adapted to the teacher's channels. Every tensor a method reads is
+        float32: half outputs (autocast's, a half teacher's) are upcast here.
         """
         self.student.check_targets(images, targets)
         image_list, batch_targets = self.student.transform(images, targets)
@@ -296,12 +313,16 @@ class Distiller(nn.Module):
         # are unchanged (0.996x, 0.997x), and the peak is lower.
         teacher_output = self.teacher_outputs(tensors, sizes)
         output, taps = self._runner(tensors, sizes, batch_targets)
+        for detector_output in (teacher_output, output):
+            if detector_output.cls_logits[0].dtype in _HALF:
+                detector_output.map_levels(Tensor.float)
         return DistillBatch(
             student=output,
             teacher=teacher_output,
-            targets=batch_targets,
+            gt_boxes=[t["boxes"] for t in batch_targets],
+            gt_labels=[t["labels"] for t in batch_targets],
             images=tensors,
-            taps=taps,
+            taps={tap: _float32(tensors) for tap, tensors in taps.items()},
             teacher_model=self.teacher,
         )
 
@@ -317,14 +338,12 @@ class Distiller(nn.Module):
 
     @torch.inference_mode()
     def teacher_outputs(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> DetectorOutput:
-        """The teacher's raw outputs on the student's batch, in float32 and NCHW layout."""
+        """The teacher's raw outputs on the student's batch, in NCHW layout."""
         if self.teacher_half:
             images = images.half()
         if self.teacher_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         output = self._teacher_forward(images, image_sizes)
-        if self.teacher_half:
-            output.map_levels(Tensor.float)
         if self.teacher_channels_last:
             # Back to the student's NCHW layout: elementwise terms between an NHWC
             # teacher tensor and an NCHW student one run 1.5x slower (PFI, ``digits`` RetinaNet).

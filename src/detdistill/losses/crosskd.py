@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from detdistill.losses._precision import float32_loss
 from detdistill.losses.batch import DistillBatch
 from detdistill.losses.methods import DistillMethod, register_method
 from detdistill.losses.taps import tower
@@ -45,7 +44,6 @@ __all__ = [
 ]
 
 
-@float32_loss
 def cross_head_class_loss(
     cross_logits: Tensor, teacher_logits: Tensor, num_positives: int, beta: float = 1.0
 ) -> Tensor:
@@ -65,7 +63,6 @@ def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (weights * values).sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
 
 
-@float32_loss
 def cross_head_box_loss(cross_boxes: Tensor, teacher_boxes: Tensor, weights: Tensor) -> Tensor:
     """``L_box`` above on ``(M, 4)`` xyxy boxes of the same anchors and ``(M,)`` weights."""
     if cross_boxes.shape != teacher_boxes.shape or cross_boxes.shape[:-1] != weights.shape:
@@ -77,7 +74,6 @@ def cross_head_box_loss(cross_boxes: Tensor, teacher_boxes: Tensor, weights: Ten
     return _weighted_mean(giou, weights.detach())
 
 
-@float32_loss
 def cross_head_quality_loss(
     cross_quality: Tensor, teacher_quality: Tensor, weights: Tensor
 ) -> Tensor:

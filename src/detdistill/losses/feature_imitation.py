@@ -20,12 +20,14 @@ import torch
 from torch import Tensor
 
 from detdistill.losses._levels import check_levels, check_spatial
-from detdistill.losses._precision import float32_loss
+from detdistill.losses.batch import DistillBatch
+from detdistill.losses.masks import box_center_masks, fgfi_masks
+from detdistill.losses.methods import DistillMethod, register_method
 from detdistill.losses.normalize import FeatureNorm, normalize_features
 from detdistill.losses.pfi import feature_difference
+from detdistill.losses.taps import NECK
 
 
-@float32_loss
 def feature_imitation_loss(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
@@ -48,7 +50,7 @@ def feature_imitation_loss(
     method weight).
 
     Returns:
-        Scalar float32 loss; 0 for identical features; with an all-zero mask, an
+        Scalar loss; 0 for identical features; with an all-zero mask, an
         exact 0 that keeps the graph.
     """
     check_levels("student_feats", student_feats, "teacher_feats", teacher_feats)
@@ -71,7 +73,6 @@ def feature_imitation_loss(
     return masked / count.clamp(min=1.0)
 
 
-@float32_loss
 def decoupled_feature_loss(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
@@ -95,7 +96,6 @@ def decoupled_feature_loss(
     return foreground_weight * fg + background_weight * bg
 
 
-@float32_loss
 def score_weighted_imitation(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
@@ -111,7 +111,7 @@ def score_weighted_imitation(
     *differ*, this by where the teacher is *confident*.
 
     Returns:
-        Scalar float32 loss; 0 for identical features.
+        Scalar loss; 0 for identical features.
     """
     check_levels("student_feats", student_feats, "teacher_feats", teacher_feats)
     check_spatial("teacher_feats", teacher_feats, "teacher_logits", teacher_logits)
@@ -121,3 +121,121 @@ def score_weighted_imitation(
         weight = z_t.detach().sigmoid().amax(dim=1)
         per_level.append((weight * feature_difference(f_s, f_t)).mean())
     return torch.stack(per_level).mean()
+
+
+@register_method("fitnet")
+class FitNet(DistillMethod):
+    """Imitate the whole feature map (Romero et al., ICLR 2015)."""
+
+    taps = (NECK,)
+
+    def __init__(self, feature_norm: FeatureNorm = "none"):
+        super().__init__()
+        self.feature_norm = feature_norm
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return feature_imitation_loss(
+            batch.tapped(NECK), batch.teacher.features, feature_norm=self.feature_norm
+        )
+
+
+@register_method("pkd")
+class PearsonImitation(DistillMethod):
+    r"""PKD: imitation of standardised features (Cao et al., NeurIPS 2022)::
+
+        L = sum_l mean_c (1 - rho_{l,c}),   rho_{l,c} = Pearson correlation of
+            channel c of phi_l(F^s_l) and F^t_l over (n, h, w)
+
+    computed as the paper does: standardise every channel of both to zero mean
+    and unit variance over N, H, W, then ``MSE / 2`` per level, summed over
+    levels (``mean_c mean_{n,h,w} (s_hat - t_hat)^2 = 2 mean_c (1 - rho_c)``).
+    It is :class:`FitNet` with ``feature_norm="channel"`` scaled by
+    ``num_levels / 2``; the scale keeps PKD's published weights meaningful.
+    No adapter is needed for the *scale* of the features, only for channels.
+    """
+
+    taps = (NECK,)
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        levels = len(batch.tapped(NECK))
+        fitnet = feature_imitation_loss(
+            batch.tapped(NECK), batch.teacher.features, feature_norm="channel"
+        )
+        return fitnet * (levels / 2)
+
+
+@register_method("fgfi")
+class FineGrainedImitation(DistillMethod):
+    """Imitate only the locations of anchors near objects (Wang et al., CVPR 2019, psi = 0.5)."""
+
+    taps = (NECK,)
+
+    def __init__(self, psi: float = 0.5, feature_norm: FeatureNorm = "none"):
+        super().__init__()
+        self.psi = psi
+        self.feature_norm = feature_norm
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        masks = fgfi_masks(
+            batch.student.anchors,
+            batch.gt_boxes,
+            batch.level_shapes,
+            batch.student.num_anchors_per_location,
+            self.psi,
+        )
+        return feature_imitation_loss(
+            batch.tapped(NECK), batch.teacher.features, masks, feature_norm=self.feature_norm
+        )
+
+
+@register_method("defeat")
+class DecoupledFeatures(DistillMethod):
+    """Foreground and background imitated separately (Guo et al., CVPR 2021)."""
+
+    taps = (NECK,)
+
+    def __init__(
+        self,
+        foreground_weight: float = 1.0,
+        background_weight: float = 1.0,
+        feature_norm: FeatureNorm = "none",
+    ):
+        super().__init__()
+        self.foreground_weight = foreground_weight
+        self.background_weight = background_weight
+        self.feature_norm = feature_norm
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        masks = box_center_masks(
+            batch.student.anchors,
+            batch.gt_boxes,
+            batch.level_shapes,
+            batch.student.num_anchors_per_location,
+        )
+        return decoupled_feature_loss(
+            batch.tapped(NECK),
+            batch.teacher.features,
+            masks,
+            self.foreground_weight,
+            self.background_weight,
+            feature_norm=self.feature_norm,
+        )
+
+
+@register_method("scorel2")
+class ScoreWeightedImitation(DistillMethod):
+    """Imitation weighted by the teacher's top class probability (Ultralytics' form)."""
+
+    taps = (NECK,)
+
+    def __init__(self, feature_norm: FeatureNorm = "none"):
+        super().__init__()
+        self.feature_norm = feature_norm
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return score_weighted_imitation(
+            batch.tapped(NECK),
+            batch.teacher.features,
+            batch.teacher.cls_logits,
+            feature_norm=self.feature_norm,
+        )

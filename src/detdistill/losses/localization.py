@@ -10,20 +10,24 @@ distilled: with temperature ``T`` (10), for anchor ``r`` and edge ``e``::
     L_LD = sum_{r in R} w_r mean_e KL_T(r, e)  /  sum_{r in R} w_r
 
 over a region ``R`` of anchors with weights ``w_r`` (the method chooses both:
-:class:`detdistill.losses.methods.LocalizationDistillation`). The ``T^2``
+:class:`LocalizationDistillation` below). The ``T^2``
 keeps the gradient's size independent of ``T`` (Hinton et al., 2015).
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import Literal
 
-from detdistill.losses._precision import float32_loss
+import torch
+from torch import Tensor, nn
 
-__all__ = ["localization_distillation_loss"]
+from detdistill.losses.batch import DistillBatch, IncompatibleModelsError
+from detdistill.losses.methods import DistillMethod, register_method
+from detdistill.models.assigners import atss_candidates
+
+__all__ = ["LocalizationDistillation", "localization_distillation_loss"]
 
 
-@float32_loss
 def localization_distillation_loss(
     student_codes: Tensor,
     teacher_codes: Tensor,
@@ -50,3 +54,84 @@ def localization_distillation_loss(
     if total <= 0:
         return student_codes.sum() * 0.0
     return (weights * kl.mean(-1)).sum() / total
+
+
+@register_method("ld")
+class LocalizationDistillation(DistillMethod):
+    """LD (Zheng et al., CVPR 2022): box-edge distributions, see :mod:`detdistill.losses.localization`.
+
+    Region ``R`` and weights ``w_r``:
+
+    * ``region="vlr"`` (default): the student's positive anchors plus the
+      *valuable localisation region*, anchors whose IoU with a ground truth is
+      at least ``alpha_vl`` times that box's ATSS threshold (mean + std of its
+      candidates' IoUs; the paper measures DIoU, here IoU);
+    * ``region="positives"``: the positive anchors only (MMDetection's LDHead).
+
+    ``w_r`` is the teacher's highest class probability at the anchor, so that
+    edges the teacher is unsure of count less. Needs a detector that regresses
+    edge distributions (GFL); any other head is refused when the Distiller is
+    built.
+    """
+
+    imitates = "outputs"
+
+    def __init__(
+        self,
+        temperature: float = 10.0,
+        region: Literal["vlr", "positives"] = "vlr",
+        alpha_vl: float = 0.25,
+    ):
+        super().__init__()
+        if region not in ("vlr", "positives"):
+            raise ValueError(f"ld region must be 'vlr' or 'positives', got {region!r}")
+        if temperature <= 0 or alpha_vl <= 0:
+            raise ValueError(
+                f"ld needs temperature > 0 and alpha_vl > 0, got {temperature}, {alpha_vl}"
+            )
+        self.temperature = temperature
+        self.region = region
+        self.alpha_vl = alpha_vl
+
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        bins = {
+            "student": getattr(student, "reg_max", None),
+            "teacher": getattr(teacher, "reg_max", None),
+        }
+        if None in bins.values():
+            raise IncompatibleModelsError(
+                "ld distils box-edge distributions: it needs detectors that regress them (gfl; yolo v8 and 11, not YOLO26), "
+                f"got student {student.head_type!r} and teacher {teacher.head_type!r}"
+            )
+        if bins["student"] != bins["teacher"]:
+            raise IncompatibleModelsError(f"ld needs the same reg_max in both models, got {bins}")
+
+    def _region(self, batch: DistillBatch) -> Tensor:
+        positives = torch.stack(batch.student.matched_idxs) >= 0
+        if self.region == "positives":
+            return positives
+        sizes = batch.student.num_anchors_per_level()
+        topk = getattr(batch.teacher_model, "topk", 9)
+        regions = []
+        for anchors, boxes in zip(batch.student.anchors, batch.gt_boxes, strict=True):
+            if boxes.numel() == 0:
+                regions.append(
+                    torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+                )
+                continue
+            ious, _, thresholds = atss_candidates(anchors, sizes, boxes.to(anchors.dtype), topk)
+            regions.append((ious >= self.alpha_vl * thresholds[None]).any(dim=1))
+        return positives | torch.stack(regions)
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        region = self._region(batch)
+        student_codes = batch.student.flat_bbox_regression()
+        teacher_codes = batch.teacher.flat_bbox_regression()
+        weights = batch.teacher.flat_cls_logits().sigmoid().amax(-1)
+        return localization_distillation_loss(
+            student_codes[region],
+            teacher_codes[region],
+            weights[region],
+            bins=student_codes.shape[-1] // 4,
+            temperature=self.temperature,
+        )

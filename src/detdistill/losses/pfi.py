@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from detdistill.losses._levels import check_levels, check_spatial
-from detdistill.losses._precision import float32_loss
+from detdistill.losses.batch import DistillBatch
+from detdistill.losses.methods import DistillMethod, register_method
 from detdistill.losses.normalize import FeatureNorm, normalize_features
+from detdistill.losses.taps import NECK
 
 WeightNorm = Literal["none", "mean"]
 
@@ -25,7 +27,6 @@ def feature_difference(student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
     return (student_feats - teacher_feats).pow(2).mean(dim=1)
 
 
-@float32_loss
 def pfi_loss(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
@@ -77,7 +78,7 @@ def pfi_loss(
         feature_norm: ``"none"`` or ``"channel"`` (standardise each channel first).
 
     Returns:
-        Scalar float32 loss; exactly 0 when the student's logits equal the
+        Scalar loss; exactly 0 when the student's logits equal the
         teacher's (``P = 0``) or its features equal the teacher's (``D = 0``).
         Levels may have any sizes; a level with zero locations contributes 0.
         Lists of different lengths or mismatched shapes raise ValueError naming
@@ -107,3 +108,38 @@ def pfi_loss(
         else:
             per_level.append(torch.linalg.vector_norm(weighted) / count)
     return torch.stack(per_level).mean()
+
+
+@register_method("pfi")
+class PredictionGuidedImitation(DistillMethod):
+    """Prediction-guided Feature Imitation (Li et al., AAAI 2022); see :func:`pfi_loss`.
+
+    ``weight_norm="mean", feature_norm="channel"`` is the scale-free form.
+    """
+
+    taps = (NECK,)
+
+    def __init__(
+        self,
+        norm: Literal["mean", "l2"] = "mean",
+        detach_weight: bool = True,
+        weight_norm: WeightNorm = "none",
+        feature_norm: FeatureNorm = "none",
+    ):
+        super().__init__()
+        self.norm = norm
+        self.detach_weight = detach_weight
+        self.weight_norm = weight_norm
+        self.feature_norm = feature_norm
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return pfi_loss(
+            batch.tapped(NECK),
+            batch.teacher.features,
+            batch.student.cls_logits,
+            batch.teacher.cls_logits,
+            norm=self.norm,
+            detach_weight=self.detach_weight,
+            weight_norm=self.weight_norm,
+            feature_norm=self.feature_norm,
+        )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from detdistill.losses._precision import float32_loss
+from detdistill.losses.batch import DistillBatch
+from detdistill.losses.methods import DistillMethod, register_method
 
 
-@float32_loss
 def soft_label_kd_loss(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
@@ -30,7 +30,7 @@ def soft_label_kd_loss(
             leading position is one anchor.
 
     Returns:
-        Scalar float32 loss averaged over anchors; 0 (with a graph) for no anchors.
+        Scalar loss averaged over anchors; 0 (with a graph) for no anchors.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -51,3 +51,19 @@ def soft_label_kd_loss(
     )
     num_anchors = student_logits.numel() // student_logits.shape[-1]
     return kl.sum() * temperature**2 / num_anchors
+
+
+@register_method("kd")
+class SoftLabelKD(DistillMethod):
+    """Soft-label distillation over every anchor's class probabilities (Hinton et al., 2015)."""
+
+    imitates = "outputs"
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        return soft_label_kd_loss(
+            batch.student.flat_cls_logits(), batch.teacher.flat_cls_logits(), self.temperature
+        )

@@ -120,12 +120,15 @@ class DetectorOutput:
         return [x.shape[-2] * x.shape[-1] * a for x in self.cls_logits]
 
     def map_levels(self, fn: Callable[[Tensor], Tensor]) -> None:
-        """Apply ``fn`` to every per-level tensor (features and head outputs), in place."""
+        """Apply ``fn`` to every per-level tensor (features, head outputs, towers), in place."""
         self.features = [fn(x) for x in self.features]
         self.cls_logits = [fn(x) for x in self.cls_logits]
         self.bbox_regression = [fn(x) for x in self.bbox_regression]
         if self.quality is not None:
             self.quality = [fn(x) for x in self.quality]
+        if self.tower_features is not None:
+            cls, reg = self.tower_features
+            self.tower_features = ([fn(x) for x in cls], [fn(x) for x in reg])
 
     def flat_cls_logits(self) -> Tensor:
         """``(N, R, K)`` in the anchor order of :attr:`anchors` (made once, then shared)."""
