@@ -322,7 +322,7 @@ class Distiller(nn.Module):
             gt_boxes=[t["boxes"] for t in batch_targets],
             gt_labels=[t["labels"] for t in batch_targets],
             images=tensors,
-            taps={tap: _float32(tensors) for tap, tensors in taps.items()},
+            taps={tap: _float32(tapped) for tap, tapped in taps.items()},
             teacher_model=self.teacher,
         )
 
