@@ -15,6 +15,7 @@ from detdistill.engine.config import config_to_dict, load_config
 from detdistill.engine.metrics_log import read_metrics
 from detdistill.engine.presets import preset_path
 from detdistill.engine.trainer import NonFiniteLossError, Trainer, run
+from detdistill.errors import CheckpointError
 from detdistill.models import build_detector
 
 pytestmark = pytest.mark.slow  # every test here trains or spawns processes
@@ -187,6 +188,25 @@ def test_distillation_run_keeps_only_the_student(tmp_path, data_root):
     assert state["adapters"]  # 4 -> 2 wide necks differ, so 1x1 convs exist
     summary = json.loads((tmp_path / "student" / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+    # A run saved before methods declared taps kept its adapters keyed by level alone.
+    state_file = tmp_path / "student" / "last_state.pt"
+    saved = dict(state["adapters"])
+    old_format = {key.removeprefix("neck."): value for key, value in saved.items()}
+    assert all(key.startswith("neck.") for key in saved) and old_format.keys() != saved.keys()
+    save_checkpoint(state_file, {**state, "adapters": old_format})
+    resumed = Trainer(cfg, show_progress=False)
+    resumed.resume()
+    now = resumed.setup.distiller.adapters.state_dict()
+    assert now.keys() == saved.keys()
+    assert all(torch.equal(now[key], saved[key]) for key in saved)
+
+    # A state that does not fit the run is a CheckpointError naming the file and the part.
+    student_weights = dict(state["model"])
+    student_weights.pop(next(iter(student_weights)))
+    save_checkpoint(state_file, {**state, "model": student_weights})
+    with pytest.raises(CheckpointError, match=r"last_state\.pt: the model: the weights do not fit"):
+        Trainer(cfg, show_progress=False).resume()
 
 
 def test_reloading_a_pretrained_build_reads_no_backbone_weights(tmp_path):

@@ -27,6 +27,7 @@ from detdistill.engine.checkpoint import (
 from detdistill.engine.config import config_to_dict
 from detdistill.engine.run_setup import RunSetup
 from detdistill.errors import CheckpointError
+from detdistill.state_dicts import load_state_dict_strict
 
 __all__ = ["Progress", "resume_run", "save_run"]
 
@@ -86,8 +87,14 @@ def resume_run(setup: RunSetup, run_dir: Path) -> Progress:
     if not path.exists():
         raise CheckpointError(f"nothing to resume: {path} does not exist")
     state = load_checkpoint(path, map_location=setup.device)
-    setup.model.load_state_dict(state["model"])
-    setup.optimizer.load_state_dict(state["optimizer"])
+    load_state_dict_strict(setup.model, state["model"], f"{path}: the model")
+    try:
+        setup.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as error:  # another parameter layout: another model or method set
+        raise CheckpointError(
+            f"{path}: the optimizer state does not fit this run ({error}); "
+            "resume with the config the run started with"
+        ) from None
     setup.scheduler.load_state_dict(state["scheduler"])
     setup.scaler.load_state_dict(state["scaler"])
     if setup.ema is not None and state.get("ema") is not None:
@@ -107,7 +114,8 @@ def resume_run(setup: RunSetup, run_dir: Path) -> Progress:
                 f"(sha256 {str(saved.get('sha256'))[:12]}), now {setup.teacher_info['path']} "
                 f"(sha256 {setup.teacher_info['sha256'][:12]})"
             )
-        distiller.adapters.load_state_dict(state["adapters"])
+        adapters = _adapters_by_tap(state.get("adapters") or {})
+        load_state_dict_strict(distiller.adapters, adapters, f"{path}: the adapters")
         # The weights as they were: chosen at the start, lowered by the guard since.
         saved_weights = state.get("distill_weights") or {}
         distiller.set_weights(
@@ -120,3 +128,14 @@ def resume_run(setup: RunSetup, run_dir: Path) -> Progress:
     if progress.batch_in_epoch >= len(setup.batches):
         progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
     return progress
+
+
+def _adapters_by_tap(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved adapters keyed by tap (``neck.0.weight``).
+
+    Runs saved before methods declared taps kept one list of adapters, keyed
+    by level alone (``0.weight``): those were the neck's, the only tap then.
+    """
+    if saved and all(key.split(".", 1)[0].isdigit() for key in saved):
+        return {f"neck.{key}": value for key, value in saved.items()}
+    return saved
