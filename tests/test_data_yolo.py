@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
+from torch import nn
 
 from detdistill.cli import main
 from detdistill.data import (
@@ -25,8 +25,8 @@ from detdistill.data import (
     write_yolo,
 )
 from detdistill.data.yolo import label_path
-from detdistill.engine.builders import build_datasets
-from detdistill.engine.config import load_config
+from detdistill.engine.builders import LoadedModel, build_datasets
+from detdistill.engine.config import DataConfig, load_config
 from detdistill.engine.evaluate_checkpoint import evaluation_data
 from detdistill.engine.presets import preset_path
 from detdistill.errors import ConfigError
@@ -382,10 +382,11 @@ def test_build_datasets_with_format_yolo(tmp_path):
 
 def test_evaluation_data_reads_a_data_yaml(tmp_path):
     data = simple_set(tmp_path)
-    loaded = SimpleNamespace(image_size=64, class_names=["dog", "cat"])
+    section = DataConfig(image_size=64)
+    loaded = LoadedModel(nn.Identity(), class_names=["dog", "cat"], payload={}, data=section)
     dataset, description, tag = evaluation_data(loaded, data, data_format="yolo", split="val")
     assert isinstance(dataset, YoloDetection) and dataset.class_names == ["dog", "cat"]
-    assert "YOLO" in description and tag == "data_val"
+    assert description == f"yolo data `{data}` split `val`" and tag == "data_val"
     with pytest.raises(ConfigError, match="--images"):
         evaluation_data(loaded, data, images=tmp_path, data_format="yolo")
 

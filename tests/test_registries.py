@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,14 @@ from conftest import TINY_OVERRIDES
 from detdistill.cli import build_parser, main
 from detdistill.data import EMBEDDED_DATASETS, CocoDetection, make_embedded, register_embedded
 from detdistill.data.embedded import shapes
-from detdistill.engine.builders import DATA_FORMATS, build_datasets, register_data_format
+from detdistill.engine.builders import (
+    DATA_FORMATS,
+    LoadedModel,
+    build_datasets,
+    register_data_format,
+)
 from detdistill.engine.config import Config, TrainConfig, apply_overrides
+from detdistill.engine.evaluate_checkpoint import evaluation_data
 from detdistill.engine.optim import OPTIMIZERS, build_optimizer, build_schedule, register_optimizer
 from detdistill.engine.schedule import SCHEDULES, lr_factor, register_schedule
 from detdistill.errors import ConfigError
@@ -50,15 +57,51 @@ def test_a_registered_data_format_is_used_by_build_datasets(scratch, tmp_path):
     seen = []
 
     @register_data_format("my_coco")
-    def read(data_cfg, train_tf, val_tf, train):
-        seen.append(train)
+    def read(data_cfg, train_tf, val_tf, train, class_names):
+        seen.append((train, class_names))
         val = CocoDetection(paths["val_images"], paths["val_annotations"], val_tf)
         return CocoDetection(paths["train_images"], paths["train_annotations"], train_tf), val
 
     cfg = apply_overrides(Config(), ["data.format=my_coco", "data.image_size=64"])
     splits = build_datasets(cfg.data)
-    assert seen == [True] and len(splits.train) == 4 and len(splits.val) == 2
+    assert seen == [(True, None)] and len(splits.train) == 4 and len(splits.val) == 2
     assert splits.class_names == list(shapes.CLASS_NAMES)
+
+
+def test_eval_reads_one_path_through_the_formats_own_reader(scratch, tmp_path):
+    """`eval --data PATH --format NAME` points the model's data section at PATH with the
+    format's ``from_path`` and reads it with the format's reader, a user's format too."""
+    paths = make_embedded("shapes", tmp_path / "shapes", 4, 2, image_size=64)
+    reads = []
+
+    def from_path(path, images, split):
+        return {"val_annotations": str(path), "val_images": str(images), "val_split": split}
+
+    @register_data_format("my_coco", from_path=from_path)
+    def read(data_cfg, train_tf, val_tf, train, class_names):
+        reads.append((data_cfg.val_annotations, data_cfg.val_split, train, class_names))
+        val = CocoDetection(
+            data_cfg.val_images, data_cfg.val_annotations, val_tf, class_names=class_names
+        )
+        return val, val
+
+    @register_data_format("my_generated")
+    def generated(data_cfg, train_tf, val_tf, train, class_names):
+        raise AssertionError("not read: it has no one-path form")
+
+    names = list(reversed(shapes.CLASS_NAMES))  # the model's order, not the file's
+    data = apply_overrides(Config(), ["data.image_size=64"]).data
+    loaded = LoadedModel(model=nn.Identity(), class_names=names, payload={}, data=data)
+    found = evaluation_data(loaded, paths["val_annotations"], paths["val_images"], "my_coco", "b")
+    assert reads == [(str(paths["val_annotations"]), "b", False, names)]
+    assert len(found.dataset) == 2 and found.dataset.class_names == names
+    assert found.tag == f"{Path(paths['val_annotations']).stem}_b"
+    with pytest.raises(ConfigError, match=r"^--format my_generated: this format is not read"):
+        evaluation_data(loaded, paths["val_annotations"], None, "my_generated")
+    assert build_parser().parse_args(["eval", "m.pt", "--format", "my_coco"]).format == "my_coco"
+    for no_path_form in ("my_generated", "embedded"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["eval", "m.pt", "--format", no_path_form])
 
 
 def test_build_datasets_names_the_key_of_an_unknown_name(tmp_path):

@@ -58,13 +58,13 @@ def _add_config_args(parser: argparse.ArgumentParser, training: bool = True) -> 
 
 def _add_data_args(p: argparse.ArgumentParser, data_help: str, images_help: str) -> None:
     """The evaluation data options ``eval`` and ``analyze`` share (their help texts differ)."""
-    from detdistill.engine.evaluate_checkpoint import EVAL_FORMATS
+    from detdistill.engine.builders import DATA_FORMATS
 
     p.add_argument("--data", help=data_help)
     p.add_argument("--images", help=images_help)
     p.add_argument(
         "--format",
-        choices=EVAL_FORMATS.names(),
+        choices=[n for n in DATA_FORMATS.names() if DATA_FORMATS.get(n).from_path is not None],
         default="coco",
         help="layout of --data (default: coco)",
     )

@@ -7,7 +7,7 @@ Kept apart from the training loop so that ``eval``, ``doctor``, ``analyze`` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,20 +124,87 @@ class DataSplits:
     class_names: list[str]
 
 
-#: A data format's builder: ``(data section, train transforms, val transforms, train)`` to
-#: ``(train set, val set)``; with ``train=False`` only the validation set is needed and the
-#: builder may return it in both places (evaluation of a checkpoint).
-DataFormat = Callable[[DataConfig, v2.Compose, v2.Compose, bool], tuple[Dataset, Dataset]]
+#: How a data section's files become the training and validation sets: ``(data section,
+#: train transforms, val transforms, train, class names)`` -> ``(train set, val set)``. With
+#: ``train=False`` only the validation set is needed and the reader may return it in both
+#: places. ``class_names`` (a saved model's, when it is evaluated) map the file's classes by
+#: name onto the model's; ``None`` keeps the file's own. The training set takes the
+#: validation set's names.
+DataReader = Callable[
+    [DataConfig, v2.Compose, v2.Compose, bool, "Sequence[str] | None"], tuple[Dataset, Dataset]
+]
+
+#: What ``eval --data PATH`` means for a format: ``(PATH, --images, --split)`` -> the keys of
+#: a data section that name those files (e.g. COCO: ``val_annotations``, ``val_images``).
+PathSection = Callable[[Path, "Path | None", str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """A registered ``data.format``: its reader, and its one-path form for ``eval --data``.
+
+    ``from_path`` is ``None`` for a format no single path names (the embedded sets).
+    """
+
+    read: DataReader
+    from_path: PathSection | None = None
+
 
 #: ``data.format`` names. A user's module (``imports:``) adds one with
-#: ``@register_data_format("name")``; the val set's class names are the run's.
+#: ``@register_data_format("name")`` on its reader; the val set's class names are the run's.
 DATA_FORMATS: Registry[DataFormat] = Registry("data format")
-register_data_format = DATA_FORMATS.register
+
+
+def register_data_format(
+    name: str, from_path: PathSection | None = None
+) -> Callable[[DataReader], DataReader]:
+    """Decorator: register a :data:`DataReader` as ``data.format: name``.
+
+    ``from_path`` lets ``detdistill eval --data PATH --format name`` (and
+    ``analyze``) read a validation set from one path; without it the format is
+    evaluated through a saved model's own data section only.
+    """
+
+    def add(read: DataReader) -> DataReader:
+        DATA_FORMATS.register(name)(DataFormat(read, from_path))
+        return read
+
+    return add
+
+
+def _coco_images_dir(annotations: Path, images: Path | None) -> Path:
+    """``--images``, else ``images/`` beside the annotation file, else its folder."""
+    if images is not None:
+        return images
+    for candidate in (annotations.parent / "images", annotations.parent):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no images folder next to {annotations}: pass --images")
+
+
+def _coco_path(path: Path, images: Path | None, split: str) -> dict[str, Any]:
+    return {"val_annotations": str(path), "val_images": str(_coco_images_dir(path, images))}
+
+
+def _voc_path(path: Path, images: Path | None, split: str) -> dict[str, Any]:
+    if images is not None:
+        raise ConfigError("--images is for COCO data: a VOC root holds its own JPEGImages")
+    return {"root": str(path), "val_split": split}
+
+
+def _yolo_path(path: Path, images: Path | None, split: str) -> dict[str, Any]:
+    if images is not None:
+        raise ConfigError("--images is for COCO data: a data.yaml names its own image folders")
+    return {"yaml": str(path), "val_split": split}
 
 
 @register_data_format("embedded")
 def _embedded(
-    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+    data_cfg: DataConfig,
+    train_tf: v2.Compose,
+    val_tf: v2.Compose,
+    train: bool,
+    class_names: Sequence[str] | None,
 ) -> tuple[Dataset, Dataset]:
     """A generated set (:mod:`detdistill.data.embedded`), made once per setting under ``data.root``."""
     registered(EMBEDDED_DATASETS, data_cfg.name, "data.name")
@@ -149,16 +216,22 @@ def _embedded(
     }
     folder = embedded_dir(data_cfg.root, data_cfg.name, **settings)
     paths = make_embedded(data_cfg.name, folder, **settings)
-    train_set = CocoDetection(paths["train_images"], paths["train_annotations"], train_tf)
+    train_set = CocoDetection(
+        paths["train_images"], paths["train_annotations"], train_tf, class_names=class_names
+    )
     val_set = CocoDetection(
         paths["val_images"], paths["val_annotations"], val_tf, class_names=train_set.class_names
     )
     return train_set, val_set
 
 
-@register_data_format("coco")
+@register_data_format("coco", from_path=_coco_path)
 def _coco(
-    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+    data_cfg: DataConfig,
+    train_tf: v2.Compose,
+    val_tf: v2.Compose,
+    train: bool,
+    class_names: Sequence[str] | None,
 ) -> tuple[Dataset, Dataset]:
     """COCO JSON and image folders; the training pair is only required when training."""
     missing = [
@@ -168,7 +241,9 @@ def _coco(
     ]
     if missing:
         raise ConfigError(f"data.format=coco needs data.{', data.'.join(missing)}")
-    val_set = CocoDetection(data_cfg.val_images, data_cfg.val_annotations, val_tf)
+    val_set = CocoDetection(
+        data_cfg.val_images, data_cfg.val_annotations, val_tf, class_names=class_names
+    )
     if not train:
         return val_set, val_set
     train_set = CocoDetection(
@@ -177,14 +252,18 @@ def _coco(
     return train_set, val_set
 
 
-@register_data_format("yolo")
+@register_data_format("yolo", from_path=_yolo_path)
 def _yolo(
-    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+    data_cfg: DataConfig,
+    train_tf: v2.Compose,
+    val_tf: v2.Compose,
+    train: bool,
+    class_names: Sequence[str] | None,
 ) -> tuple[Dataset, Dataset]:
     """An Ultralytics ``data.yaml``; ``train_split``/``val_split`` name its keys."""
     if data_cfg.yaml is None:
         raise ConfigError("data.format=yolo needs data.yaml")
-    val_set = YoloDetection(data_cfg.yaml, data_cfg.val_split, val_tf)
+    val_set = YoloDetection(data_cfg.yaml, data_cfg.val_split, val_tf, class_names=class_names)
     if not train:
         return val_set, val_set
     train_set = YoloDetection(
@@ -193,12 +272,18 @@ def _yolo(
     return train_set, val_set
 
 
-@register_data_format("voc")
+@register_data_format("voc", from_path=_voc_path)
 def _voc(
-    data_cfg: DataConfig, train_tf: v2.Compose, val_tf: v2.Compose, train: bool
+    data_cfg: DataConfig,
+    train_tf: v2.Compose,
+    val_tf: v2.Compose,
+    train: bool,
+    class_names: Sequence[str] | None,
 ) -> tuple[Dataset, Dataset]:
     """A VOC root (``JPEGImages``, ``Annotations``, ``ImageSets/Main``) in ``data.root``."""
-    val_set = VOCDetection(data_cfg.root, data_cfg.val_split, transforms=val_tf)
+    val_set = VOCDetection(
+        data_cfg.root, data_cfg.val_split, class_names=class_names, transforms=val_tf
+    )
     if not train:
         return val_set, val_set
     train_set = VOCDetection(
@@ -207,13 +292,16 @@ def _voc(
     return train_set, val_set
 
 
-def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
+def build_datasets(
+    data_cfg: DataConfig, train: bool = True, class_names: Sequence[str] | None = None
+) -> DataSplits:
     """Training and validation sets of a ``data`` section, by its registered ``data.format``.
 
     The transforms and tiling are the same for every format, so they are
-    decided here and each format only reads its files.
+    decided here and each format only reads its files. ``class_names`` (a saved
+    model's) map the files' classes onto the model's by name.
     """
-    read = registered(DATA_FORMATS, data_cfg.format, "data.format")
+    read = registered(DATA_FORMATS, data_cfg.format, "data.format").read
     tiles = data_cfg.tiles
     if tiles is not None and data_cfg.multiscale:
         raise ConfigError("data.tiles and data.multiscale cannot be combined: tiles keep the scale")
@@ -224,7 +312,7 @@ def build_datasets(data_cfg: DataConfig, train: bool = True) -> DataSplits:
         val_tf = build_transforms(False, data_cfg.image_size)
     else:  # native resolution: tiles are cut from the images, evaluation is sliced
         train_tf = val_tf = build_transforms(False, None)
-    train_set, val_set = read(data_cfg, train_tf, val_tf, train)
+    train_set, val_set = read(data_cfg, train_tf, val_tf, train, class_names)
     if tiles is not None and train:
         settings = TileSettings(
             tiles.size, tiles.per_image, tiles.min_visible, tiles.object_centred

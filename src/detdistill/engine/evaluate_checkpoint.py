@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from detdistill.data import CocoDetection, VOCDetection, YoloDetection, build_transforms
+from detdistill.data import build_transforms
 from detdistill.engine.builders import (
+    DATA_FORMATS,
     LoadedModel,
     build_datasets,
     build_eval_loader,
@@ -21,7 +21,6 @@ from detdistill.engine.distributed import resolve_device
 from detdistill.errors import ConfigError
 from detdistill.evaluation import evaluate
 from detdistill.jsonio import dumps
-from detdistill.registry import Registry
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 
@@ -31,46 +30,6 @@ class EvalData(NamedTuple):
     dataset: Any
     description: str
     tag: str
-
-
-def _images_dir(annotation_file: Path, images: str | Path | None) -> Path:
-    if images is not None:
-        return Path(images)
-    for candidate in (annotation_file.parent / "images", annotation_file.parent):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"no images folder next to {annotation_file}: pass --images")
-
-
-#: How ``eval``/``analyze --data PATH --format NAME`` reads PATH: ``(data, images, split,
-#: transforms, class names) -> EvalData``. A user's module adds one with
-#: ``@register_eval_format("name")``; the CLI lists these names.
-EvalReader = Callable[[Path, "str | Path | None", str, Any, list[str]], EvalData]
-EVAL_FORMATS: Registry[EvalReader] = Registry("evaluation data format")
-register_eval_format = EVAL_FORMATS.register
-
-
-@register_eval_format("coco")
-def _coco(data: Path, images, split: str, transforms: Any, class_names: list[str]) -> EvalData:
-    """A COCO annotation file; images from ``images``, else ``images/`` beside it, else its folder."""
-    dataset = CocoDetection(_images_dir(data, images), data, transforms, class_names=class_names)
-    return EvalData(dataset, f"COCO `{data}`", data.stem)
-
-
-@register_eval_format("voc")
-def _voc(data: Path, images, split: str, transforms: Any, class_names: list[str]) -> EvalData:
-    """A VOC directory and its ``split``."""
-    dataset = VOCDetection(data, split, class_names=class_names, transforms=transforms)
-    return EvalData(dataset, f"VOC `{data}` split `{split}`", f"{data.name}_{split}")
-
-
-@register_eval_format("yolo")
-def _yolo(data: Path, images, split: str, transforms: Any, class_names: list[str]) -> EvalData:
-    """An Ultralytics ``data.yaml`` and its key ``split``."""
-    if images is not None:
-        raise ConfigError("--images is for COCO data: a data.yaml names its own image folders")
-    dataset = YoloDetection(data, split, transforms, class_names=class_names)
-    return EvalData(dataset, f"YOLO `{data}` split `{split}`", f"{data.stem}_{split}")
 
 
 def evaluation_data(
@@ -84,21 +43,46 @@ def evaluation_data(
     """The data set ``eval`` and ``analyze`` use for a saved model (one rule for both).
 
     Without ``data``: the validation set of the model's own saved config. With
-    it: ``data`` read by the registered ``data_format`` (:data:`EVAL_FORMATS`).
-    The data set's classes must be the model's, or the error names them.
+    it: the model's data section pointed at ``data`` by the registered
+    ``data_format`` (its ``from_path``: a COCO annotation file, a VOC root, a
+    ``data.yaml``), read by the same reader as training. Either way the data
+    set's classes must be the model's, or the error names them.
     ``native_size`` keeps the images at their own resolution (sliced evaluation)
     instead of resizing them to the model's training size.
     """
-    image_size = None if native_size else loaded.image_size
     if data is None:
         if images is not None:
             raise ConfigError("--images needs --data (a COCO annotation file)")
-        dataset = build_datasets(loaded.data, train=False).val
-        if native_size:
-            dataset.transforms = build_transforms(False, None)
-        return EvalData(dataset, "the model's validation set (from its saved config)", "val")
-    read = registered(EVAL_FORMATS, data_format, "--format")
-    return read(Path(data), images, split, build_transforms(False, image_size), loaded.class_names)
+        section, description, tag = (
+            loaded.data,
+            "the model's validation set (from its saved config)",
+            "val",
+        )
+    else:
+        found = registered(DATA_FORMATS, data_format, "--format")
+        if found.from_path is None:
+            raise ConfigError(
+                f"--format {data_format}: this format is not read from one path; "
+                "evaluate without --data to use the model's own data section"
+            )
+        path = Path(data)
+        keys = found.from_path(path, None if images is None else Path(images), split)
+        # The model's input size, whole images (a tiled model's tile side).
+        section = dataclasses.replace(
+            loaded.data,
+            format=data_format,
+            image_size=loaded.image_size,
+            tiles=None,
+            multiscale=[],
+            **keys,
+        )
+        named_split = f" split `{split}`" if "val_split" in keys else ""
+        description = f"{data_format} data `{path}`{named_split}"
+        tag = f"{path.stem}_{split}" if named_split else path.stem
+    dataset = build_datasets(section, train=False, class_names=loaded.class_names).val
+    if native_size:
+        dataset.transforms = build_transforms(False, None)
+    return EvalData(dataset, description, tag)
 
 
 def evaluate_checkpoint(
