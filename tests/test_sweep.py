@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY_OVERRIDES
 from detdistill.cli import main
@@ -168,7 +169,7 @@ def test_sweep_writes_the_table_chart_json_and_best_config(swept):
 
 
 @pytest.mark.slow
-def test_a_resumed_sweep_trains_only_what_is_missing(swept, capsys):
+def test_a_resumed_sweep_trains_only_what_is_missing(swept, capsys, monkeypatch):
     argv = json.loads((swept.parent / "argv.json").read_text())
     stamps = {p: p.stat().st_mtime_ns for p in swept.glob("*/model.pt")}
     assert len(stamps) == 5  # teacher and four students
@@ -178,11 +179,23 @@ def test_a_resumed_sweep_trains_only_what_is_missing(swept, capsys):
     (swept / "rm_s1").mkdir()
     (swept / "rm_s1" / LOCK_FILE).write_text(f"{os.uname().nodename} 999999999")
     capsys.readouterr()
-    assert main([*argv[:-1], str(swept)]) == 0
-    assert "3 finished earlier" in capsys.readouterr().out
+    # Resumed with --jobs 1 on a 3-core machine: the run left trains with 3 threads, not 1.
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    threads = torch.get_num_threads()
+    jobs = argv.index("--jobs") + 1
+    assert main([*argv[:jobs], "1", *argv[jobs + 1 : -1], str(swept)]) == 0
+    out = capsys.readouterr().out
+    assert "3 finished earlier" in out
+    assert "the finished runs trained with 1 thread(s) each, the 1 left will train with 3" in out
+    assert torch.get_num_threads() == threads  # the in-process run gave the threads back
     retrained = {p for p in stamps if p.stat().st_mtime_ns != stamps[p]}
     assert retrained == set() and (swept / "rm_s1" / "model.pt").is_file()
     assert not list(swept.glob(f"*/{LOCK_FILE}"))
+    report = strict_json(swept / "sweep.json")
+    assert {r["name"]: r["threads"] for r in report["runs"]} == {
+        "none_s0": 1, "none_s1": 1, "rm_s0": 1, "rm_s1": 3,
+    }  # fmt: skip
+    assert "The runs trained with 1 and 3 threads" in report["verdict"]
 
 
 @pytest.mark.slow

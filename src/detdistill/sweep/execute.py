@@ -32,7 +32,7 @@ import yaml
 from detdistill import jsonio
 from detdistill.sweep.plan import Job, SweepError, SweepPlan
 
-__all__ = ["LOCK_FILE", "claim", "completed", "run_job", "run_sweep"]
+__all__ = ["LOCK_FILE", "claim", "completed", "recorded_threads", "run_job", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def run_job(job: Job) -> dict[str, Any] | None:
                 job.name, holder, run_dir / LOCK_FILE,
             )  # fmt: skip
             return None
+        threads = torch.get_num_threads()
         try:
             torch.set_num_threads(job.threads)
             start = time.perf_counter()
@@ -121,12 +122,14 @@ def run_job(job: Job) -> dict[str, Any] | None:
             result = run(config_from_dict(job.config), resume=resume, show_progress=False)
             wall = time.perf_counter() - start
         finally:
+            torch.set_num_threads(threads)  # the caller's, when the run trained in its process
             (run_dir / LOCK_FILE).unlink(missing_ok=True)
         if result.status != "completed":  # Ctrl-C or max_steps: no row, keep what is saved
             raise SweepError(
                 f"{job.name} stopped ({result.status}); run the sweep again to resume it"
             )
-        (run_dir / WALL_FILE).write_text(jsonio.dumps({"seconds": wall}) + "\n")
+        record = {"seconds": wall, "threads": job.threads}
+        (run_dir / WALL_FILE).write_text(jsonio.dumps(record) + "\n")
     summary = json.loads((run_dir / "summary.json").read_text())
     wall_file = run_dir / WALL_FILE
     return {
@@ -139,8 +142,19 @@ def run_job(job: Job) -> dict[str, Any] | None:
         "wall_time_s": json.loads(wall_file.read_text())["seconds"]
         if wall_file.is_file()
         else None,
+        "threads": recorded_threads(run_dir),
         "run_dir": str(run_dir),
     }
+
+
+def recorded_threads(run_dir: Path) -> int | None:
+    """The torch thread count ``run_dir`` trained with (None: not recorded, e.g. older runs).
+
+    On CPU a run's numbers depend on it: the same seed at 1 and at 2 threads
+    trains to other weights.
+    """
+    wall_file = run_dir / WALL_FILE
+    return json.loads(wall_file.read_text()).get("threads") if wall_file.is_file() else None
 
 
 # --- local processes ---------------------------------------------------------------
@@ -219,6 +233,10 @@ def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _listed(numbers: set[int]) -> str:
+    return " and ".join(str(n) for n in sorted(numbers))
+
+
 def run_sweep(
     plan: SweepPlan,
     backend: Backend = "local",
@@ -262,6 +280,17 @@ def run_sweep(
         f"[sweep] {len(plan.jobs)} student runs, {len(plan.jobs) - len(pending)} finished "
         "earlier (not trained again)"
     )
+    waiting = {job.name for job in pending}
+    before = {recorded_threads(job.run_dir) for job in plan.jobs if job.name not in waiting}
+    before.discard(None)
+    now = {job.threads for job in pending}
+    if before and now and before != now:
+        say(
+            f"[sweep] note: the finished runs trained with {_listed(before)} thread(s) each, "
+            f"the {len(pending)} left will train with {_listed(now)}; on CPU a run's numbers "
+            "depend on its thread count (--jobs sets it: one thread a run when runs go side "
+            "by side, every core with --jobs 1)"
+        )
     trained = execute(pending, jobs or os.cpu_count() or 1) if pending else []
     by_name = {job.name: result for job, result in zip(pending, trained, strict=True)}
     results = [by_name[job.name] if job.name in by_name else run_job(job) for job in plan.jobs]

@@ -209,11 +209,18 @@ def write_report(
             row_config(plan, next(r for r in plan.rows if r.name == ranked[0]["row"])), best
         )
         plot(ranked, teacher_mAP, out.with_suffix(".png"))
+    judged = verdict(ranked)
+    threads = sorted({r["threads"] for r in runs if r.get("threads") is not None})
+    if len(threads) > 1:
+        judged += (
+            f" The runs trained with {' and '.join(map(str, threads))} threads (see runs): "
+            "a run reproduces only at its own thread count."
+        )
     report = {
         **(extra or {}),
         "teacher": teacher,
         "rows": ranked,
-        "verdict": verdict(ranked),
+        "verdict": judged,
         "best_config": None if best is None else str(best),
         "runs": list(runs),
     }
