@@ -342,3 +342,22 @@ def test_a_detector_loads_whatever_its_training_sections_say(
     payload["config"]["model"]["num_classes"] = "six"
     with pytest.raises(ConfigError, match="model.num_classes"):
         load_detector(save_checkpoint(tmp_path / "bad.pt", payload))
+
+
+def test_a_file_that_is_not_a_saved_detector_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    """A run's last_state.pt, or any other torch file, given where a model.pt belongs."""
+    from detdistill.cli import main
+    from detdistill.engine.builders import load_detector
+
+    state = save_checkpoint(
+        tmp_path / "last_state.pt", {"model": {}, "optimizer": {}, "config": {}, "step": 3}
+    )
+    with pytest.raises(CheckpointError, match=r"has no class_names: last_state.pt is a run's"):
+        load_detector(state)
+    other = save_checkpoint(tmp_path / "other.pt", {"weights": {}})
+    with pytest.raises(CheckpointError, match=r"has no model, config, class_names: it is not"):
+        load_detector(other)
+    for path in (state, other):
+        assert main(["eval", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err

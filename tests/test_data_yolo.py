@@ -389,6 +389,10 @@ def test_evaluation_data_reads_a_data_yaml(tmp_path):
     assert description == f"yolo data `{data}` split `val`" and tag == "data_val"
     with pytest.raises(ConfigError, match="--images"):
         evaluation_data(loaded, data, images=tmp_path, data_format="yolo")
+    # An Ultralytics checkpoint records no data set: nothing is generated in its place.
+    foreign = LoadedModel(nn.Identity(), class_names=["dog", "cat"], payload={}, data=section)
+    with pytest.raises(ConfigError, match="^--data is needed: an Ultralytics checkpoint"):
+        evaluation_data(foreign)
 
 
 def test_cli_data_make_yolo(tmp_path, capsys):

@@ -267,6 +267,20 @@ def test_distilling_a_yolo_pair_writes_an_ultralytics_checkpoint(tmp_path):
     run_analysis(teacher, student, out=tmp_path / "analysis", max_images=4, num_visualize=1)
     result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
     assert result["images"] == 4 and result["rank"]["instances"] > 0
+    # a sweep given the Ultralytics file scores it as the trainer scored the same weights
+    from conftest import TINY_OVERRIDES
+    from detdistill.engine.checkpoint import load_checkpoint
+    from detdistill.sweep import plan_sweep
+    from detdistill.sweep.plan import parse_row
+    from detdistill.sweep.table import TEACHER_METRICS_FILE, given_teacher_metrics
+
+    overrides = [*TINY_OVERRIDES, f"data.root={tmp_path}", "model.name=yolo", model,
+                 f"distill.teacher_checkpoint={tmp_path / 'teacher' / 'ultralytics.pt'}"]  # fmt: skip
+    plan = plan_sweep("digits_yolo_distill", overrides, [parse_row("rm")], [0], tmp_path / "sw")
+    measured = given_teacher_metrics(plan)
+    assert measured["mAP"] == pytest.approx(load_checkpoint(teacher)["metrics"]["mAP"], abs=1e-6)
+    assert (tmp_path / "sw" / TEACHER_METRICS_FILE).is_file()
+    assert given_teacher_metrics(plan) == measured  # read back, not evaluated again
 
 
 def test_unreadable_images_stay_counted_after_ultralytics_patches_pil(tmp_path):

@@ -361,6 +361,11 @@ class LoadedModel:
     def image_size(self) -> int:
         return self.data.model_input_size
 
+    @property
+    def has_data_section(self) -> bool:
+        """False for an Ultralytics checkpoint: it records an image size, not a data set."""
+        return bool(self.payload)
+
 
 def load_detector(
     checkpoint: str | Path,
@@ -381,6 +386,14 @@ def load_detector(
             raise
         model, class_names, image_size = foreign
         return LoadedModel(model, class_names, {}, DataConfig(image_size=image_size))
+    missing = [key for key in ("model", "config", "class_names") if key not in payload]
+    if missing:
+        hint = (
+            ": last_state.pt is a run's training state; pass its model.pt"
+            if "optimizer" in payload
+            else ": it is not a detector saved by detdistill (model.pt) or Ultralytics (best.pt)"
+        )
+        raise CheckpointError(f"{checkpoint} has no {', '.join(missing)}{hint}")
     # the run's own modules first: its detector (or backbone) may be one they register
     import_modules(payload["config"].get("imports", []), f"{checkpoint}: imports")
     data = config_section(payload["config"], "data")

@@ -53,6 +53,11 @@ def evaluation_data(
     if data is None:
         if images is not None:
             raise ConfigError("--images needs --data (a COCO annotation file)")
+        if not loaded.has_data_section:
+            raise ConfigError(
+                "--data is needed: an Ultralytics checkpoint records no data set "
+                "(pass its data.yaml with --format yolo, or a COCO annotation file)"
+            )
         section, description, tag = (
             loaded.data,
             "the model's validation set (from its saved config)",

@@ -10,6 +10,7 @@ adjacent rows whose difference is within one standard deviation over seeds
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -174,6 +175,44 @@ def plot(ranked: Sequence[Mapping[str, Any]], teacher_mAP: float | None, path: P
     plt.close(fig)
 
 
+TEACHER_METRICS_FILE = "teacher_metrics.json"
+
+
+def given_teacher_metrics(plan: SweepPlan) -> dict[str, Any]:
+    """The given teacher checkpoint's metrics: those its run saved, or measured here.
+
+    An Ultralytics checkpoint records none that compare with the students'
+    COCOeval numbers, so it is evaluated once on the sweep's validation set,
+    as the students are, and the result is kept in the workdir
+    (``teacher_metrics.json``, for that file's path, size and time).
+    """
+    from detdistill import jsonio
+    from detdistill.engine.builders import build_datasets, build_eval_loader, load_detector
+    from detdistill.engine.distributed import resolve_device
+    from detdistill.evaluation import evaluate
+
+    checkpoint = plan.teacher_checkpoint
+    loaded = load_detector(checkpoint)
+    if loaded.has_data_section:
+        return dict(loaded.payload.get("metrics") or {})
+    stat = checkpoint.stat()
+    key = {"checkpoint": str(checkpoint), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache = plan.workdir / TEACHER_METRICS_FILE
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("of") == key:
+            return saved["metrics"]
+    device = resolve_device(plan.base.device)
+    data = plan.base.data
+    dataset = build_datasets(data, train=False, class_names=loaded.class_names).val
+    loader = build_eval_loader(dataset, data.batch_size, num_workers=0)
+    result = evaluate(loaded.model.to(device), loader, dataset, device=device, progress=False)
+    metrics = jsonio.json_safe({k: result[k] for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(jsonio.dumps({"of": key, "metrics": metrics}, indent=2) + "\n")
+    return metrics
+
+
 def write_report(
     plan: SweepPlan,
     teacher: Mapping[str, Any] | None,
@@ -189,14 +228,12 @@ def write_report(
     the config to train the chosen method with.
     """
     from detdistill import jsonio
-    from detdistill.engine.checkpoint import load_checkpoint
     from detdistill.engine.config import save_config
 
     if teacher is None:
-        metrics = load_checkpoint(plan.teacher_checkpoint).get("metrics") or {}
         teacher = {
             "name": "teacher",
-            "metrics": dict(metrics),
+            "metrics": given_teacher_metrics(plan),
             "run_dir": str(plan.teacher_checkpoint.parent),
         }
     teacher_mAP = teacher["metrics"].get("mAP")
