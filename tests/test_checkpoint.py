@@ -361,3 +361,16 @@ def test_a_file_that_is_not_a_saved_detector_is_a_one_line_error(tmp_path: Path,
         assert main(["eval", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(path) in err
+
+
+def test_a_weights_file_that_is_not_torch_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from detdistill.state_dicts import load_weights_file
+
+    text = tmp_path / "resnet18.pth"
+    text.write_text("not weights\n")
+    with pytest.raises(CheckpointError, match=r"resnet18.pth is not a PyTorch weights file"):
+        load_weights_file(nn.Linear(2, 2), text, "the backbone")
+    tensor = save_checkpoint(tmp_path / "tensor.pt", {"x": torch.zeros(1)})
+    torch.save(torch.zeros(1), tensor)
+    with pytest.raises(CheckpointError, match=r"does not hold a state dict \(found Tensor\)"):
+        load_weights_file(nn.Linear(2, 2), tensor, "the backbone")

@@ -289,3 +289,18 @@ def test_a_training_split_without_boxes_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "empty.json" in err and "no boxes at all" in err and "nothing to learn" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["data", "make", "shapes", "--out", "x", "--image-size", "8"], "must be at least 32"),
+        (["data", "make", "shapes", "--out", "x", "--num-train", "-2"], "must be at least 1"),
+        (["eval", "m.pt", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["predict", "m.pt", "a.jpg", "--max-detections", "x"], "'x' is not an integer"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -322,6 +322,9 @@ def test_unknown_registered_name_lists_the_registered_ones() -> None:
 
 
 def test_out_of_range_values() -> None:
+    assert "data.seed: must be >= 0" in error_of(apply_overrides, Config(), ["data.seed=-1"])
+    message = error_of(apply_overrides, Config(), ["data.multiscale=[96, -32]"])
+    assert "data.multiscale: sizes must be > 0" in message
     assert "train.lr: must be > 0" in error_of(apply_overrides, Config(), ["train.lr=-1"])
     assert "data.hflip: must be in [0, 1]" in error_of(apply_overrides, Config(), ["data.hflip=2"])
     assert "device: must be" in error_of(apply_overrides, Config(), ["device=gpu"])
@@ -357,6 +360,26 @@ def test_bad_override_syntax(text: str) -> None:
     assert message.startswith(f"bad override {text!r}: expected KEY=VALUE")
 
 
+def test_text_keys_take_the_value_as_typed() -> None:
+    """Paths and names are text: YAML would cut ``a #1`` at the comment, and turn ``yes``
+    and ``1e3`` into a bool and a float."""
+    cfg = apply_overrides(
+        Config(),
+        ["output_dir=runs/a #1", "data.yaml=yes", "distill.teacher_checkpoint=1e3",
+         "data.root='quoted path'"],
+    )  # fmt: skip
+    assert cfg.output_dir == "runs/a #1" and cfg.data.yaml == "yes"
+    assert cfg.distill.teacher_checkpoint == "1e3" and cfg.data.root == "quoted path"
+    assert apply_overrides(Config(), ["data.yaml=null"]).data.yaml is None
+    assert apply_overrides(Config(), ["data.num_train=12"]).data.num_train == 12  # not text
+
+
+def test_a_file_that_is_not_text_is_not_a_config(tmp_path: Path) -> None:
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00")
+    assert error_of(load_config, binary) == f"{binary} is not a YAML config (not UTF-8 text)"
+
+
 def test_a_mapping_typed_without_spaces_gets_a_hint() -> None:
     message = error_of(apply_overrides, Config(), ["model.backbone_kwargs={width:4,depth:1}"])
     assert "needs a space after ':'" in message and "{width: 4} instead of {width:4}" in message
@@ -376,6 +399,10 @@ def test_unknown_model_arguments_name_the_config_key_they_came_from() -> None:
     )
     assert "'widht'" in build_error("model.backbone_kwargs={widht: 4}")
     assert build_error("model.kwargs={num_conv: 2}").startswith("model.kwargs: ")
+    assert "width, depth and num_stages must be >= 1" in build_error(
+        "model.backbone_kwargs={width: 0}"
+    )
+    assert build_error("model.levels=[9]").startswith("model: lowest level 9")
 
 
 def test_override_through_a_scalar_is_an_error() -> None:

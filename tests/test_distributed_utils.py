@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from conftest import torchrun_env
 from detdistill.engine import distributed as ddist
 from detdistill.engine.metrics_log import METRICS_FILE, MetricsLogger, read_metrics
+from detdistill.errors import ConfigError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -60,8 +61,11 @@ def test_device_resolution(no_torchrun_env: None) -> None:
     assert ddist.resolve_device("auto").type == expected
     assert ddist.resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            ddist.resolve_device("cuda:0")
+        for device in ("cuda", "cuda:0"):  # a user's config, on a machine without a GPU
+            with pytest.raises(ConfigError, match=f"device '{device}': CUDA is not available"):
+                ddist.resolve_device(device)
+    with pytest.raises(ConfigError, match="device 'gpu' is not a device"):
+        ddist.resolve_device("gpu")
 
 
 def test_bad_env_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

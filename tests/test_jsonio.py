@@ -63,3 +63,16 @@ def test_every_json_a_run_and_eval_write_is_strict(tiny_checkpoint, tmp_path, ca
         strict_load(path.read_text())
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         strict_load(line)
+
+
+def test_write_is_atomic_and_a_cut_summary_is_not_a_finished_run(tmp_path):
+    from detdistill.sweep.execute import completed
+
+    jsonio.write(tmp_path / "summary.json", {"status": "completed", "mAP": float("nan")})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "status": "completed",
+        "mAP": None,
+    }
+    assert completed(tmp_path) and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    (tmp_path / "summary.json").write_text('{"status": "compl')  # an older writer, killed
+    assert not completed(tmp_path) and not completed(tmp_path / "absent")

@@ -202,3 +202,9 @@ def test_cli_predict(trained, tmp_path, capsys):
     )
     assert code == 2
     assert "input not found" in capsys.readouterr().err
+    taken = tmp_path / "taken.txt"  # --out names a file: one line, not a traceback
+    taken.write_text("a file, not a folder\n")
+    argv = ["predict", str(trained["checkpoint"]), str(trained["images"][0]), "--out", str(taken)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "File exists" in err and str(taken) in err

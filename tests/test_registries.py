@@ -96,6 +96,9 @@ def test_eval_reads_one_path_through_the_formats_own_reader(scratch, tmp_path):
     assert reads == [(str(paths["val_annotations"]), "b", False, names)]
     assert len(found.dataset) == 2 and found.dataset.class_names == names
     assert found.tag == f"{Path(paths['val_annotations']).stem}_b"
+    # built-in COCO, no --images: the folder named as the file, as `data make` writes it
+    coco = evaluation_data(loaded, paths["val_annotations"], None, "coco")
+    assert len(coco.dataset) == 2 and Path(paths["val_images"]).name == "val"
     with pytest.raises(ConfigError, match=r"^--format my_generated: this format is not read"):
         evaluation_data(loaded, paths["val_annotations"], None, "my_generated")
     assert build_parser().parse_args(["eval", "m.pt", "--format", "my_coco"]).format == "my_coco"

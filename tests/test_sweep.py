@@ -112,6 +112,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     # ld distils box-edge distributions: a RetinaNet pair has none (checked before training)
     one_line_error(capsys, [*args, "--methods", "ld"], "ld does not apply to this pair")
     one_line_error(capsys, [*args, "--methods", "rm=x"], "'x'")
+    one_line_error(capsys, [*args, "--seeds", "0", "0"], "a seed is listed twice: 0 0")
+    one_line_error(capsys, [*args, "--epochs", "0"], "--epochs must be >= 1, got 0")
     missing = tmp_path / "distill.yaml"
     missing.write_text(f"_base_: {Path(__file__).parents[1] / 'configs' / 'digits_distill.yaml'}\n"
                        f"distill: {{teacher_checkpoint: {tmp_path / 'gone.pt'}}}\n")  # fmt: skip

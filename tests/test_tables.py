@@ -36,3 +36,15 @@ def test_metrics_table_percentages_gain_and_missing_sizes():
 def test_compare_refuses_folders_that_are_not_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         compare_runs([tmp_path])
+
+
+def test_gain_is_blank_where_a_run_has_no_map():
+    """A run whose validation set had no annotations has mAP null: no gain, no crash."""
+    rows = {"base": {"mAP": None}, "other": {"mAP": 0.2}, "empty": {}}
+    lines = metrics_table(rows, baseline="base").splitlines()[2:]
+    assert [line.split()[-1] for line in lines[1:]] == ["-", "-"]
+    rows = {"base": {"mAP": 0.1}, "other": {"mAP": None}, "third": {"mAP": 0.25}}
+    assert [line.split()[-1] for line in metrics_table(rows, "base").splitlines()[3:]] == [
+        "-",
+        "+15.0",
+    ]

@@ -56,6 +56,21 @@ def _add_config_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     )
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= low`` (argparse names the option when it is not)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_data_args(p: argparse.ArgumentParser, data_help: str, images_help: str) -> None:
     """The evaluation data options ``eval`` and ``analyze`` share (their help texts differ)."""
     from detdistill.engine.builders import DATA_FORMATS
@@ -215,10 +230,12 @@ def add_eval_parser(sub: Subparsers) -> None:
         p,
         data_help="COCO annotation JSON, a VOC root with --format voc, or a data.yaml with "
         "--format yolo (default: the checkpoint's own validation data)",
-        images_help="COCO images folder (default: beside the annotation file, or its 'images' "
-        "sub-folder)",
+        images_help="COCO images folder (default: the folder named as the file, e.g. val/ for "
+        "val.json, else images/ beside it, else the file's folder)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    p.add_argument(
+        "--batch-size", type=_at_least(1), default=16, help="images per batch (default: 16)"
+    )
     p.add_argument("--out", help="JSON output (default: metrics_<data>.json beside the checkpoint)")
     p.add_argument("--per-class", action="store_true", help="also print per-class AP")
     _add_slice_args(p)
@@ -320,11 +337,17 @@ def add_data_parser(sub: Subparsers) -> None:
         help="coco: train.json/val.json beside the image folders; yolo: data.yaml, images/, "
         "labels/ (default: coco)",
     )
-    make.add_argument("--num-train", type=int, default=3000, help="training images (default: 3000)")
-    make.add_argument("--num-val", type=int, default=500, help="validation images (default: 500)")
-    make.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
     make.add_argument(
-        "--image-size", type=int, default=128, help="square side in px (default: 128)"
+        "--num-train", type=_at_least(1), default=3000, help="training images (default: 3000)"
+    )
+    make.add_argument(
+        "--num-val", type=_at_least(1), default=500, help="validation images (default: 500)"
+    )
+    make.add_argument(
+        "--seed", type=_at_least(0), default=0, help="same seed, same images (default: 0)"
+    )
+    make.add_argument(
+        "--image-size", type=_at_least(32), default=128, help="square side in px (default: 128)"
     )
     make.set_defaults(func=_cmd_data_make)
 
@@ -364,8 +387,10 @@ def add_analyze_parser(sub: Subparsers) -> None:
         images_help="COCO images folder",
     )
     p.add_argument("--out", default="analysis", help="output folder (default: analysis)")
-    p.add_argument("--max-images", type=int, default=200, help="images to analyse (default: 200)")
-    p.add_argument("--num-images", type=int, default=4, help="images to draw (default: 4)")
+    p.add_argument(
+        "--max-images", type=_at_least(1), default=200, help="images to analyse (default: 200)"
+    )
+    p.add_argument("--num-images", type=_at_least(0), default=4, help="images to draw (default: 4)")
     p.set_defaults(func=_cmd_analyze)
 
 
@@ -399,8 +424,12 @@ def add_predict_parser(sub: Subparsers) -> None:
     p.add_argument(
         "--score-threshold", type=float, default=0.3, help="boxes drawn and kept (default: 0.3)"
     )
-    p.add_argument("--max-detections", type=int, default=100, help="per image (default: 100)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    p.add_argument(
+        "--max-detections", type=_at_least(1), default=100, help="per image (default: 100)"
+    )
+    p.add_argument(
+        "--batch-size", type=_at_least(1), default=8, help="images per batch (default: 8)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_slice_args(p)
     p.set_defaults(func=_cmd_predict)
@@ -496,7 +525,14 @@ def _import_requested(argv: Sequence[str]) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from detdistill.errors import DetDistillError
 
-    return (DetDistillError, FileNotFoundError, NotADirectoryError, PermissionError)
+    return (
+        DetDistillError,
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

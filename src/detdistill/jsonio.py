@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["dumps", "json_safe"]
+__all__ = ["dumps", "json_safe", "write"]
 
 
 def json_safe(value: Any) -> Any:
@@ -36,3 +38,12 @@ def json_safe(value: Any) -> Any:
 def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`json_safe` ``(value)``, refusing anything non-finite left."""
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def write(path: str | os.PathLike[str], value: Any, **kwargs: Any) -> None:
+    """Write :func:`dumps` ``(value)`` to ``path`` atomically: a reader (a resumed sweep)
+    never sees half a file, whenever the writer dies."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(dumps(value, **kwargs) + "\n")
+    os.replace(tmp, path)

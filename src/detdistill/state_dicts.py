@@ -83,12 +83,19 @@ def load_weights_file(module: nn.Module, path: str | os.PathLike, what: str) -> 
     Loaded with ``weights_only=True``: a weights file must not execute code.
     """
     path = Path(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pickle, zip or torch errors: whatever the file is, not weights
+        raise CheckpointError(
+            f"{path} is not a PyTorch weights file ({type(exc).__name__}) for {what}"
+        ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict):
-        raise TypeError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     load_state_dict_strict(module, obj, f"weights file {path} for {what}")

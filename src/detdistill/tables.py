@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from detdistill.engine.metrics_log import read_metrics
+from detdistill.errors import ConfigError
 
 COLUMNS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -30,9 +31,12 @@ def metrics_table(rows: Mapping[str, Mapping[str, float]], baseline: str | None 
             for c in COLUMNS
         )
         line = f"{name:{width}s} {cells}"
-        if baseline is not None:
-            gain = 100 * (metrics.get("mAP", 0.0) - base.get("mAP", 0.0)) if base else 0.0
-            line += f" {gain:+6.1f}" if name != baseline else f" {'':>6s}"
+        if baseline is not None and name == baseline:
+            line += f" {'':>6s}"
+        elif baseline is not None:
+            mine, theirs = metrics.get("mAP"), base.get("mAP")
+            known = all(isinstance(v, (int, float)) and v >= 0 for v in (mine, theirs))
+            line += f" {100 * (mine - theirs):+6.1f}" if known else f" {'-':>6s}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -56,6 +60,8 @@ def compare_runs(run_dirs: list[Path], plot: str | None = None) -> str:
     table = metrics_table(
         {name: _final_metrics(d) for name, d in zip(names, run_dirs, strict=True)}, names[0]
     )
+    if plot and Path(plot).suffix.lower() != ".png":
+        raise ConfigError(f"--plot {plot}: give a .png file name")
     if plot:
         import matplotlib
 

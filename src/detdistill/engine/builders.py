@@ -87,6 +87,8 @@ def build_model(model_cfg: ModelConfig, image_size: int, pretrained: bool = True
         raise ConfigError(f"model.backbone_kwargs: {exc}") from exc
     except TypeError as exc:
         raise ConfigError(f"model.kwargs: {exc}") from exc
+    except ValueError as exc:  # a value the detector refuses (levels, a head option)
+        raise ConfigError(f"model: {exc}", "model") from exc
     if whole and pretrained:
         try:
             report = load_detector_weights(model, model_cfg.weights)
@@ -173,10 +175,15 @@ def register_data_format(
 
 
 def _coco_images_dir(annotations: Path, images: Path | None) -> Path:
-    """``--images``, else ``images/`` beside the annotation file, else its folder."""
+    """``--images``, else the folder named as the file (``val/`` for ``val.json``, the
+    layout ``detdistill data make`` writes), else ``images/`` beside it, else its folder."""
     if images is not None:
         return images
-    for candidate in (annotations.parent / "images", annotations.parent):
+    for candidate in (
+        annotations.with_suffix(""),
+        annotations.parent / "images",
+        annotations.parent,
+    ):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"no images folder next to {annotations}: pass --images")
@@ -214,8 +221,11 @@ def _embedded(
         "seed": data_cfg.seed,
         "image_size": data_cfg.image_size,
     }
-    folder = embedded_dir(data_cfg.root, data_cfg.name, **settings)
-    paths = make_embedded(data_cfg.name, folder, **settings)
+    try:
+        folder = embedded_dir(data_cfg.root, data_cfg.name, **settings)
+        paths = make_embedded(data_cfg.name, folder, **settings)
+    except ValueError as exc:  # a setting the generator refuses (e.g. too small an image)
+        raise ConfigError(f"data ({data_cfg.name}): {exc}", "data") from None
     train_set = CocoDetection(
         paths["train_images"], paths["train_annotations"], train_tf, class_names=class_names
     )

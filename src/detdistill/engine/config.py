@@ -317,6 +317,8 @@ def _read_preset(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a YAML config (not UTF-8 text)") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
@@ -442,6 +444,9 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
                     where,
                 )
             node = child
+        leaf = _section_type(tp)
+        if leaf is not None and _is_text(_field_types(leaf).get(parts[-1])):
+            value = _as_text(text.partition("=")[2], value)
         node[parts[-1]] = value
     try:
         return config_from_dict(data)
@@ -449,6 +454,25 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         culprit = next((text for text, key, _ in reversed(parsed) if _related(key, exc.key)), None)
         where = f"override {culprit!r}" if culprit else "after overrides"
         raise ConfigError(f"{where}: {exc}", exc.key) from None
+
+
+def _is_text(tp: Any) -> bool:
+    """``str`` or ``str | None``: a path, a name, a device."""
+    if get_origin(tp) in (Union, types.UnionType):
+        return set(get_args(tp)) == {str, type(None)}
+    return tp is str
+
+
+def _as_text(raw: str, parsed: Any) -> Any:
+    """A text key's value as typed: ``a #1``, ``yes`` and ``1e3`` are text, not YAML.
+
+    YAML's ``null``/``~``/nothing (for ``str | None`` keys) and quoted strings
+    keep their YAML meaning.
+    """
+    stripped = raw.strip()
+    if stripped in ("", "null", "~") or stripped[:1] in ("'", '"'):
+        return parsed
+    return stripped
 
 
 def _section_defaults(tp: Any) -> dict[str, Any]:

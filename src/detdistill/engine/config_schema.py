@@ -39,6 +39,7 @@ _PROBABILITY = _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 _UNIT_RIGHT_CLOSED = _check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 _OPEN_UNIT = _check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
 _NON_EMPTY = _check(lambda v: len(v) > 0, "must not be empty")
+_SIZES = _check(lambda v: all(s > 0 for s in v), "sizes must be > 0")
 _WEIGHTS = _check(
     lambda v: all(w == "auto" or w >= 0 for w in v.values()), "weights must be >= 0 or 'auto'"
 )
@@ -74,7 +75,7 @@ class DataConfig:
     root: str = ".cache/detdistill/data"
     # Which embedded data set: its own seed, not the run's, so that runs with
     # different seeds train and evaluate on the same images.
-    seed: int = 0
+    seed: int = field(default=0, metadata=_NON_NEGATIVE)
     train_images: str | None = None
     train_annotations: str | None = None
     val_images: str | None = None
@@ -86,7 +87,7 @@ class DataConfig:
     num_train: int = field(default=3000, metadata=_POSITIVE)
     num_val: int = field(default=500, metadata=_POSITIVE)
     image_size: int = field(default=128, metadata=_POSITIVE)
-    multiscale: list[int] = field(default_factory=list)
+    multiscale: list[int] = field(default_factory=list, metadata=_SIZES)
     hflip: float = field(default=0.5, metadata=_PROBABILITY)
     batch_size: int = field(default=16, metadata=_POSITIVE)
     num_workers: int = field(default=2, metadata=_NON_NEGATIVE)

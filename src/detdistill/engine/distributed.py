@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from detdistill.errors import ConfigError
+
 __all__ = [
     "DistInfo",
     "all_gather_objects",
@@ -56,12 +58,13 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` → this process's GPU when CUDA is available, else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a device: auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return resolved
+        raise ConfigError(f"device {device!r}: CUDA is not available here (use auto or cpu)")
+    return torch.device("cuda", local_rank) if device == "cuda" else resolved
 
 
 def _env_int(name: str, default: int) -> int:

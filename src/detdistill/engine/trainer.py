@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from detdistill import jsonio
 from detdistill.distill import format_balance
 from detdistill.engine.builders import DataSplits, build_eval_loader, evaluation_model
 from detdistill.engine.checkpoint import STATE_FILE
@@ -29,7 +30,6 @@ from detdistill.engine.run_setup import build_run
 from detdistill.engine.run_state import Progress, resume_run, save_run
 from detdistill.errors import DetDistillError
 from detdistill.evaluation import evaluate
-from detdistill.jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class Trainer:
             summary["distill_weights"] = dict(distiller.weights)
             summary["weight_changes"] = list(distiller.weight_changes)
             summary["balance"] = progress.balance
-        (self.run_dir / "summary.json").write_text(dumps(summary, indent=2) + "\n")
+        jsonio.write(self.run_dir / "summary.json", summary, indent=2)
 
     def _train_epoch(self, logger: MetricsLogger) -> bool:
         """One epoch from ``progress.batch_in_epoch``; True when ``max_steps`` was reached."""

@@ -77,7 +77,7 @@ class TinyBackbone(nn.Sequential):
         norm_layer: Callable[..., nn.Module] | None = None,
     ) -> None:
         if width < 1 or depth < 1 or num_stages < 1:
-            raise ValueError(
+            raise BackboneArgumentError(
                 f"width, depth and num_stages must be >= 1, got {width}, {depth}, {num_stages}"
             )
         norm_layer = norm_layer or nn.BatchNorm2d

@@ -42,8 +42,12 @@ Backend = Literal["local", "ray"]
 
 
 def completed(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s summary says it finished (an unreadable one: it did not)."""
     summary = run_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("status") == "completed"
+    try:
+        return json.loads(summary.read_text()).get("status") == "completed"
+    except (OSError, ValueError):  # absent, or cut short by a crash of an older version
+        return False
 
 
 def _alive(pid: int) -> bool:

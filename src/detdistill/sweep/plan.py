@@ -266,6 +266,10 @@ def plan_sweep(
         _check_rows(rows, base, teacher_model)
     if not seeds:
         raise SweepError("no seeds: give at least one, e.g. --seeds 0 1 2")
+    if len(set(seeds)) != len(seeds):  # one run counted twice would fake a spread of 0
+        raise SweepError(f"a seed is listed twice: {' '.join(map(str, seeds))}")
+    if epochs is not None and epochs < 1:
+        raise SweepError(f"--epochs must be >= 1, got {epochs}")
     schedule = ["train.eval_interval=0", *([f"train.epochs={epochs}"] if epochs else [])]
     threads = 1 if parallel else (os.cpu_count() or 1)
     jobs = []
