@@ -304,3 +304,9 @@ def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_refuses_a_folder_as_out_before_evaluating(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "never_loaded.pt"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path} is a folder" in err

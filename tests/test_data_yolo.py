@@ -395,7 +395,7 @@ def test_evaluation_data_reads_a_data_yaml(tmp_path):
         evaluation_data(foreign)
 
 
-def test_cli_data_make_yolo(tmp_path, capsys):
+def test_cli_data_make_yolo(tmp_path, capsys, monkeypatch):
     out = tmp_path / "digits"
     args = ["data", "make", "digits", "--format", "yolo", "--out", str(out)]
     assert main([*args, "--num-train", "3", "--num-val", "2", "--image-size", "32"]) == 0
@@ -405,6 +405,11 @@ def test_cli_data_make_yolo(tmp_path, capsys):
     assert len(train) == 3 and len(YoloDetection(out / "data.yaml", "val")) == 2
     assert train.class_names == [str(i) for i in range(10)] and not train.problems
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no temporary left
+
+    def generate(*args, **kwargs):
+        raise AssertionError("the folder is refused before any image is generated")
+
+    monkeypatch.setattr("detdistill.data.make_embedded", generate)
     assert main([*args, "--num-train", "3", "--num-val", "2"]) == 2  # refuses to overwrite
     err = capsys.readouterr().err
     assert "not an empty folder" in err and err.count("\n") == 1

@@ -289,6 +289,7 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
     import tempfile
 
     from detdistill.data import make_embedded, write_yolo
+    from detdistill.data.yolo import require_new_folder
 
     settings = {"seed": args.seed, "image_size": args.image_size}
     if args.format == "coco":
@@ -297,6 +298,7 @@ def _cmd_data_make(args: argparse.Namespace) -> int:
             print(f"{key}: {value}")
         return 0
     out = Path(args.out).absolute()
+    require_new_folder(out)  # before generating anything
     out.parent.mkdir(parents=True, exist_ok=True)
     # COCO first, beside the output so that the images can be hard-linked, then converted
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.coco-", dir=out.parent) as tmp:

@@ -503,6 +503,12 @@ def _write_split(
     return len(written), crowd
 
 
+def require_new_folder(out: Path) -> None:
+    """Refuse an ``out`` that exists and is not an empty folder (nothing is overwritten)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not an empty folder; choose a new output folder")
+
+
 def write_yolo(
     splits: Mapping[str, ImageSource],
     out_dir: str | Path,
@@ -529,8 +535,7 @@ def write_yolo(
     if not splits:
         raise ValueError("write_yolo needs at least one split")
     out = _absolute(Path(out_dir))
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not an empty folder; choose a new output folder")
+    require_new_folder(out)
     datasets: dict[str, DetectionDataset] = {}
     names: list[str] | None = None
     for split, source in splits.items():

@@ -109,6 +109,8 @@ def evaluate_checkpoint(
     on overlapping windows whose detections are merged back into each image
     (:mod:`detdistill.slicing`), and COCOeval scores the whole images.
     """
+    if out is not None and Path(out).is_dir():  # found before the evaluation, not after it
+        raise ConfigError(f"--out {out} is a folder: give the JSON file's name")
     torch_device = resolve_device(device)
     loaded = load_detector(checkpoint, map_location=torch_device)
     model: torch.nn.Module = loaded.model.to(torch_device)
