@@ -44,7 +44,8 @@ def _add_config_args(parser: argparse.ArgumentParser, training: bool = True) -> 
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value with a dotted key, e.g. --set train.lr=0.02 (repeatable)",
+        help="override a config value with a dotted key, e.g. --set train.lr=0.02 (repeatable; "
+        "YAML values, but paths and names are taken as typed)",
     )
     if not training:
         return
