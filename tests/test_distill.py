@@ -208,6 +208,21 @@ def test_ld_on_a_head_without_edge_distributions_names_what_it_needs():
         Distiller(tiny("retinanet", 8), tiny("retinanet", 16), {"ld": 1.0})
 
 
+def test_rm_quality_score_is_refused_when_the_pair_is_built():
+    options = {"rm": {"score": "quality"}}
+    with pytest.raises(IncompatibleModelsError, match="rm score='quality' reads a quality branch"):
+        Distiller(tiny("retinanet", 8), tiny("retinanet", 16), {"rm": 1.0}, options)
+    Distiller(tiny("fcos", 8), tiny("fcos", 16), {"rm": 1.0}, options)  # FCOS has one
+
+
+@pytest.mark.parametrize("detector", FPN_DETECTORS)
+def test_has_quality_says_what_the_head_outputs(detector):
+    model = tiny(detector, 8).eval()
+    image_list, _ = model.transform([torch.rand(3, SIZE, SIZE)])
+    output = model.forward_batch(image_list.tensors, image_list.image_sizes)
+    assert (output.quality is not None) == model.has_quality
+
+
 def test_different_head_types_fail():
     with pytest.raises(IncompatibleModelsError, match="head type"):
         Distiller(tiny("retinanet"), tiny("fcos", 16), {"rm": 1.0})

@@ -173,6 +173,18 @@ def test_pfi_zero_when_equal_and_gradcheck():
     )
 
 
+def test_pfi_attached_weight_over_its_mean_has_the_true_gradient():
+    """With detach_weight=False the mean P divides by is part of the function too."""
+    g = torch.Generator().manual_seed(3)
+    fs, ft, zs, zt = random_levels(2, generator=g, dtype=torch.float64)
+    zs = [z.requires_grad_() for z in zs]
+
+    def loss(*z):
+        return pfi_loss(fs, ft, list(z), zt, detach_weight=False, weight_norm="mean")
+
+    assert torch.autograd.gradcheck(loss, tuple(zs))
+
+
 def test_pfi_options_l2_and_attached_weight():
     g = torch.Generator().manual_seed(2)
     fs, ft, zs, zt = random_levels(1, generator=g)

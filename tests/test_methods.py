@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import box_iou
 
 from detdistill.losses import (
@@ -23,7 +24,7 @@ SHAPES = [(4, 4), (2, 2)]
 STRIDES = [8, 16]
 
 
-def make_batch(equal: bool = False, seed: int = 0) -> DistillBatch:
+def make_batch(equal: bool = False, seed: int = 0, teacher_grad: bool = False) -> DistillBatch:
     g = torch.Generator().manual_seed(seed)
     n, c = 2, 5
     ak = NUM_ANCHORS * NUM_CLASSES
@@ -32,6 +33,9 @@ def make_batch(equal: bool = False, seed: int = 0) -> DistillBatch:
         return [torch.randn(n, ch, h, w, generator=g) for h, w in SHAPES]
 
     teacher_feats, teacher_logits, teacher_quality = maps(c), maps(ak), maps(NUM_ANCHORS)
+    if teacher_grad:  # as if the teacher's outputs had a graph: the terms must not use it
+        for t in (*teacher_feats, *teacher_logits, *teacher_quality):
+            t.requires_grad_()
     if equal:
         student_feats = [t.clone().requires_grad_() for t in teacher_feats]
         student_logits = [t.clone().requires_grad_() for t in teacher_logits]
@@ -95,13 +99,14 @@ TENSOR_METHODS = [
 @pytest.mark.parametrize("name", TENSOR_METHODS)
 def test_every_method_is_finite_has_gradients_and_is_zero_when_equal(name):
     method = build_method(name)
-    batch = make_batch()
+    batch = make_batch(teacher_grad=True)
     loss = method(batch)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     grads = [t.grad for t in batch.tapped(NECK) + batch.student.cls_logits if t.grad is not None]
     assert grads and any(gr.abs().sum() > 0 for gr in grads)
-    assert all(t.grad is None for t in batch.teacher.features + batch.teacher.cls_logits)
+    teacher = batch.teacher.features + batch.teacher.cls_logits + batch.teacher.quality
+    assert all(t.requires_grad and t.grad is None for t in teacher)  # targets, never trained
     assert method(make_batch(equal=True)).item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -128,7 +133,16 @@ def test_rm_method_gathers_each_instance_class_logit():
     prob = rank_mimicking_loss(s.sigmoid(), t.sigmoid(), ids)
     positives_prob = build_method("rm", score="prob", candidates="positives")(batch)
     assert positives_prob.item() == pytest.approx(prob.item(), rel=1e-6)
-    assert torch.isfinite(build_method("rm", score="quality")(batch))
+    quality = batch.student.flat_quality().detach()
+    t_quality = batch.teacher.flat_quality()
+    s_q = torch.stack(
+        [F.logsigmoid(flat_s[n, a, k]) + F.logsigmoid(quality[n, a]) for n, a, k, _ in rows]
+    )
+    t_q = torch.stack(
+        [F.logsigmoid(flat_t[n, a, k]) + F.logsigmoid(t_quality[n, a]) for n, a, k, _ in rows]
+    )
+    with_quality = build_method("rm", score="quality", candidates="positives")(batch)
+    assert with_quality.item() == pytest.approx(rank_mimicking_loss(s_q, t_q, ids).item(), rel=1e-6)
 
 
 def test_rm_quality_needs_a_quality_branch():
@@ -136,6 +150,33 @@ def test_rm_quality_needs_a_quality_branch():
     batch.student.quality = batch.teacher.quality = None
     with pytest.raises(ValueError, match="quality branch"):
         build_method("rm", score="quality")(batch)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("pfi", {"feature_norm": "chanel"}, "pfi feature_norm must be 'none' or 'channel'"),
+        ("pfi", {"weight_norm": "max"}, "pfi weight_norm must be 'none' or 'mean'"),
+        ("pfi", {"norm": "l1"}, "pfi norm must be 'mean' or 'l2'"),
+        ("fitnet", {"feature_norm": "x"}, "fitnet feature_norm must be"),
+        ("scorel2", {"feature_norm": "x"}, "scorel2 feature_norm must be"),
+        ("fgfi", {"psi": 0.0}, r"fgfi psi must be in \(0, 1\), got 0.0"),
+        ("fgfi", {"psi": 1.5}, r"fgfi psi must be in \(0, 1\), got 1.5"),
+        ("defeat", {"foreground_weight": -1.0}, "defeat weights must be >= 0"),
+        ("kd", {"temperature": 0.0}, "kd temperature must be > 0"),
+        ("rm", {"score": "logits"}, "rm score must be 'logit', 'prob' or 'quality'"),
+        ("ld", {"region": "all"}, "ld region must be 'vlr' or 'positives'"),
+    ],
+)
+def test_options_are_checked_when_the_method_is_built(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_method(name, **options)
+
+
+def test_fgfi_psi_chooses_the_imitated_locations():
+    batch = make_batch()
+    losses = [build_method("fgfi", psi=psi)(batch).item() for psi in (0.2, 0.5, 0.9)]
+    assert all(loss > 0 for loss in losses) and len(set(losses)) == 3
 
 
 def test_build_method_errors_name_the_choices():

@@ -59,6 +59,7 @@ def test_loss_is_ultralytics_criterion_on_the_same_batch(cfg):
     assert (output.matched_idxs[1] == 1).any() and (output.matched_idxs[0] == 0).any()
     assert [c.shape[1] for c in output.cls_logits] == [4, 4, 4]
     assert output.box_code_size == (4 if cfg.startswith("yolo26") else 64)
+    assert output.quality is None and not model.has_quality  # no quality branch to rank with
 
 
 @pytest.mark.parametrize("cfg", YAMLS)

@@ -12,12 +12,15 @@ different directions. Over every anchor ``r`` and class ``k`` of the batch::
 (the quality focal loss with the teacher's probability as the soft label,
 ``beta = 1``; ``N_pos`` is the number of the student's positive anchors) and::
 
-    L_box = sum_r w_r (1 - GIoU(B(x_r), B(t_r)))  /  sum_r w_r,   w_r = max_k sigma(t_rk)
+    L_box = sum_r b_r (1 - GIoU(B(x_r), B(t_r)))  /  sum_r b_r,   b_r = w_r [t_r >= 1 px]
 
 between the boxes both regressions decode to at the same anchor, weighted by
-the teacher's top class probability (zero where the teacher's box is under a
-pixel wide or high: FCOS's clipped distances far from objects). Heads with a quality branch (FCOS, ATSS)
-add ``L_quality = sum_r w_r BCE(q^x_r, sigma(q^t_r)) / sum_r w_r``.
+the teacher's top class probability ``w_r = max_k sigma(t_rk)``, and not at all
+where the teacher's box is under a pixel wide or high (FCOS's clipped
+distances far from objects: GIoU against such a box is about constant). Heads
+with a quality branch (FCOS, ATSS) add
+``L_quality = sum_r w_r BCE(q^x_r, sigma(q^t_r)) / sum_r w_r``, with the plain
+``w_r``: a quality target needs no box.
 
 The method (``crosskd``) is :class:`CrossHeadKD` at the end: it declares one
 tap, the student's tower features before the last ``teacher_convs`` convs, and
@@ -95,7 +98,7 @@ class CrossHeadKD(DistillMethod):
     :func:`cross_head_box_loss` (times ``box_weight``) and, for heads with a
     quality branch, :func:`cross_head_quality_loss` (formulas in
     :mod:`detdistill.losses.crosskd`). Works on every detector whose head has
-    conv towers and a box decoder: RetinaNet, FCOS, ATSS, GFL.
+    conv towers and a box decoder: RetinaNet, FCOS, ATSS, GFL and YOLO (v8, 11, 26).
 
     For ``auto`` weights CrossKD counts as a feature term: its gradient reaches
     only the student's features (backbone, neck, the tower convs before the

@@ -22,8 +22,8 @@ from torch import Tensor
 from detdistill.losses._levels import check_levels, check_spatial
 from detdistill.losses.batch import DistillBatch
 from detdistill.losses.masks import box_center_masks, fgfi_masks
-from detdistill.losses.methods import DistillMethod, register_method
-from detdistill.losses.normalize import FeatureNorm, normalize_features
+from detdistill.losses.methods import DistillMethod, check_choice, register_method
+from detdistill.losses.normalize import FEATURE_NORMS, FeatureNorm, normalize_features
 from detdistill.losses.pfi import feature_difference
 from detdistill.losses.taps import NECK
 
@@ -69,7 +69,7 @@ def feature_imitation_loss(
                 f"(N, H, W) = {tuple(diff.shape)}"
             )
     masked = sum((m.to(d.dtype) * d).sum() for m, d in zip(masks, diffs, strict=True))
-    count = sum(m.to(torch.float32).sum() for m in masks)
+    count = sum(m.to(d.dtype).sum() for m, d in zip(masks, diffs, strict=True))
     return masked / count.clamp(min=1.0)
 
 
@@ -131,6 +131,7 @@ class FitNet(DistillMethod):
 
     def __init__(self, feature_norm: FeatureNorm = "none"):
         super().__init__()
+        check_choice("fitnet", "feature_norm", feature_norm, FEATURE_NORMS)
         self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:
@@ -172,6 +173,9 @@ class FineGrainedImitation(DistillMethod):
 
     def __init__(self, psi: float = 0.5, feature_norm: FeatureNorm = "none"):
         super().__init__()
+        if not 0 < psi < 1:  # 0 or 1 and above select no location: the term would be 0
+            raise ValueError(f"fgfi psi must be in (0, 1), got {psi}")
+        check_choice("fgfi", "feature_norm", feature_norm, FEATURE_NORMS)
         self.psi = psi
         self.feature_norm = feature_norm
 
@@ -201,6 +205,11 @@ class DecoupledFeatures(DistillMethod):
         feature_norm: FeatureNorm = "none",
     ):
         super().__init__()
+        if foreground_weight < 0 or background_weight < 0:
+            raise ValueError(
+                f"defeat weights must be >= 0, got {foreground_weight}, {background_weight}"
+            )
+        check_choice("defeat", "feature_norm", feature_norm, FEATURE_NORMS)
         self.foreground_weight = foreground_weight
         self.background_weight = background_weight
         self.feature_norm = feature_norm
@@ -230,6 +239,7 @@ class ScoreWeightedImitation(DistillMethod):
 
     def __init__(self, feature_norm: FeatureNorm = "none"):
         super().__init__()
+        check_choice("scorel2", "feature_norm", feature_norm, FEATURE_NORMS)
         self.feature_norm = feature_norm
 
     def forward(self, batch: DistillBatch) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from detdistill.losses.batch import DistillBatch, IncompatibleModelsError
-from detdistill.losses.methods import DistillMethod, register_method
+from detdistill.losses.methods import DistillMethod, check_choice, register_method
 from detdistill.models.assigners import atss_candidates
 
 __all__ = ["LocalizationDistillation", "localization_distillation_loss"]
@@ -83,8 +83,7 @@ class LocalizationDistillation(DistillMethod):
         alpha_vl: float = 0.25,
     ):
         super().__init__()
-        if region not in ("vlr", "positives"):
-            raise ValueError(f"ld region must be 'vlr' or 'positives', got {region!r}")
+        check_choice("ld", "region", region, ("vlr", "positives"))
         if temperature <= 0 or alpha_vl <= 0:
             raise ValueError(
                 f"ld needs temperature > 0 and alpha_vl > 0, got {temperature}, {alpha_vl}"

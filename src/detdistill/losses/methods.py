@@ -13,6 +13,7 @@ the feature-imitation baselines in :mod:`~detdistill.losses.feature_imitation`,
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 from torch import Tensor, nn
@@ -21,7 +22,14 @@ from detdistill.losses.batch import DistillBatch
 from detdistill.losses.taps import Tap
 from detdistill.registry import Registry
 
-__all__ = ["METHODS", "DistillMethod", "build_method", "list_methods", "register_method"]
+__all__ = [
+    "METHODS",
+    "DistillMethod",
+    "build_method",
+    "check_choice",
+    "list_methods",
+    "register_method",
+]
 
 
 class DistillMethod(nn.Module):
@@ -50,6 +58,13 @@ class DistillMethod(nn.Module):
 
         Called once by the Distiller; the default accepts every detector.
         """
+
+
+def check_choice(method: str, option: str, value: object, choices: Sequence[str]) -> None:
+    """Refuse an option value the method does not know when it is built, not at its first step."""
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{method} {option} must be {listed}, got {value!r}")
 
 
 METHODS: Registry[type[DistillMethod]] = Registry("distillation method")

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from detdistill.losses._levels import check_levels, check_spatial
 from detdistill.losses.batch import DistillBatch
-from detdistill.losses.methods import DistillMethod, register_method
-from detdistill.losses.normalize import FeatureNorm, normalize_features
+from detdistill.losses.methods import DistillMethod, check_choice, register_method
+from detdistill.losses.normalize import FEATURE_NORMS, FeatureNorm, normalize_features
 from detdistill.losses.taps import NECK
 
 WeightNorm = Literal["none", "mean"]
@@ -100,7 +100,9 @@ def pfi_loss(
         with torch.set_grad_enabled(not detach_weight and torch.is_grad_enabled()):
             weight = prediction_difference(z_s, z_t.detach())  # no graph kept when detached
         if weight_norm == "mean" and weight.numel() > 0:
-            weight = weight / weight.detach().mean().clamp_min(torch.finfo(weight.dtype).tiny)
+            # Detached with P (the default); with detach_weight=False the mean is part of
+            # the function whose gradient flows.
+            weight = weight / weight.mean().clamp_min(torch.finfo(weight.dtype).tiny)
         weighted = weight * feature_difference(f_s, f_t)
         count = max(weighted.numel(), 1)
         if norm == "mean":
@@ -127,6 +129,9 @@ class PredictionGuidedImitation(DistillMethod):
         feature_norm: FeatureNorm = "none",
     ):
         super().__init__()
+        check_choice("pfi", "norm", norm, ("mean", "l2"))
+        check_choice("pfi", "weight_norm", weight_norm, ("none", "mean"))
+        check_choice("pfi", "feature_norm", feature_norm, FEATURE_NORMS)
         self.norm = norm
         self.detach_weight = detach_weight
         self.weight_norm = weight_norm

@@ -9,11 +9,11 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from detdistill.losses.batch import DistillBatch
-from detdistill.losses.methods import DistillMethod, register_method
+from detdistill.losses.batch import DistillBatch, IncompatibleModelsError
+from detdistill.losses.methods import DistillMethod, check_choice, register_method
 from detdistill.models.output import DetectorOutput
 
 __all__ = [
@@ -44,7 +44,8 @@ def rank_mimicking_loss(
     r"""KL divergence between teacher and student rankings of each object's candidates.
 
     For ground-truth instance ``j`` with candidate boxes ``i = 1..N_j`` (the
-    anchors its assigner made positive) and scores ``z`` of its class::
+    method's bag: by default the ``topk`` anchors of highest IoU with its box,
+    or the anchors its assigner made positive) and scores ``z`` of its class::
 
         q^t_{j,i} = softmax_i(z^t_{j,i} / T),   q^s_{j,i} = softmax_i(z^s_{j,i} / T)
         L_RM = (1/M) * sum_j sum_i q^t_{j,i} * (log q^t_{j,i} - log q^s_{j,i})
@@ -177,10 +178,8 @@ class RankMimicking(DistillMethod):
         topk: int = 16,
     ):
         super().__init__()
-        if score not in ("logit", "prob", "quality"):
-            raise ValueError(f"rm score must be 'logit', 'prob' or 'quality', got {score!r}")
-        if candidates not in ("positives", "topk"):
-            raise ValueError(f"rm candidates must be 'positives' or 'topk', got {candidates!r}")
+        check_choice("rm", "score", score, ("logit", "prob", "quality"))
+        check_choice("rm", "candidates", candidates, ("positives", "topk"))
         if topk < 2:
             raise ValueError(f"rm topk must be >= 2 (one candidate has no order), got {topk}")
         if temperature <= 0:
@@ -189,6 +188,13 @@ class RankMimicking(DistillMethod):
         self.score = score
         self.candidates = candidates
         self.topk = topk
+
+    def check_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        if self.score == "quality" and not (student.has_quality and teacher.has_quality):
+            raise IncompatibleModelsError(
+                "rm score='quality' reads a quality branch (FCOS, ATSS heads), got student "
+                f"{student.head_type!r} and teacher {teacher.head_type!r}"
+            )
 
     def _candidates(self, batch: DistillBatch) -> Candidates:
         if self.candidates == "topk":

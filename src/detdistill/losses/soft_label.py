@@ -61,6 +61,8 @@ class SoftLabelKD(DistillMethod):
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"kd temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def forward(self, batch: DistillBatch) -> Tensor:

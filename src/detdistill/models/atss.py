@@ -113,6 +113,7 @@ class ATSS(OneStageDetector):
     """
 
     head_type = "atss"
+    has_quality = True
 
     def __init__(
         self,

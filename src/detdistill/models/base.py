@@ -87,6 +87,9 @@ class OneStageDetector(nn.Module):
     """
 
     head_type: str = ""
+    # Whether the head predicts a quality (centerness/IoU) logit per anchor besides
+    # the classes: what RM's score="quality" and CrossKD's quality term read.
+    has_quality: bool = False
     # Numbers the regression branch predicts per anchor (GFL: 4 distributions).
     box_code_size: int = 4
 

@@ -89,6 +89,7 @@ class FCOS(OneStageDetector):
     """
 
     head_type = "fcos"
+    has_quality = True
 
     def __init__(
         self,

@@ -136,6 +136,7 @@ class GFL(ATSS):
     """
 
     head_type = "gfl"
+    has_quality = False  # its class score is the joint quality; no separate branch
 
     def __init__(
         self, num_classes: int, backbone: Any = "resnet50", *, reg_max: int = 16,

@@ -207,6 +207,7 @@ class YOLODetector(nn.Module):
     """
 
     head_type = "yolo"
+    has_quality = False
     num_anchors_per_location = 1
     #: The YAML defines the backbone: a config's backbone keys do not apply.
     builds_own_backbone = True
