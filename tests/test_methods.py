@@ -165,6 +165,7 @@ def test_rm_quality_needs_a_quality_branch():
         ("defeat", {"foreground_weight": -1.0}, "defeat weights must be >= 0"),
         ("kd", {"temperature": 0.0}, "kd temperature must be > 0"),
         ("rm", {"score": "logits"}, "rm score must be 'logit', 'prob' or 'quality'"),
+        ("rm", {"candidates": "positives", "topk": 8}, "with 'positives' it is unused"),
         ("ld", {"region": "all"}, "ld region must be 'vlr' or 'positives'"),
     ],
 )

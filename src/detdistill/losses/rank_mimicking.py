@@ -175,11 +175,16 @@ class RankMimicking(DistillMethod):
         temperature: float = 1.0,
         score: Literal["logit", "prob", "quality"] = "logit",
         candidates: Literal["positives", "topk"] = "topk",
-        topk: int = 16,
+        topk: int | None = None,
     ):
         super().__init__()
         check_choice("rm", "score", score, ("logit", "prob", "quality"))
         check_choice("rm", "candidates", candidates, ("positives", "topk"))
+        if topk is not None and candidates == "positives":
+            raise ValueError(
+                "rm topk sizes the candidates='topk' bag: with 'positives' it is unused"
+            )
+        topk = 16 if topk is None else topk
         if topk < 2:
             raise ValueError(f"rm topk must be >= 2 (one candidate has no order), got {topk}")
         if temperature <= 0:
