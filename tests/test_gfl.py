@@ -174,6 +174,26 @@ def test_ld_region_adds_the_valuable_localisation_region_to_the_positives():
     )
     assert positives.sum() > 0 and bool((vlr | positives).eq(vlr).all())
     assert vlr.sum() > positives.sum()
+    # anchor by anchor: a positive, or IoU >= alpha_vl x the box's ATSS threshold for some box
+    from detdistill.models.assigners import atss_candidates
+
+    sizes = pair.student.num_anchors_per_level()
+    for image, (anchors, boxes) in enumerate(zip(pair.student.anchors, pair.gt_boxes, strict=True)):
+        thresholds = atss_candidates(anchors, sizes, boxes, teacher.topk)[2].tolist()
+        for r, anchor in enumerate(anchors.tolist()):
+            near = any(
+                plain_iou(anchor, box) >= 0.25 * t
+                for box, t in zip(boxes.tolist(), thresholds, strict=True)
+            )
+            assert bool(vlr[image, r]) == (bool(positives[image, r]) or near), (image, r)
     ld = build_method("ld")(pair)
     ld.backward()
     assert ld.item() > 0 and all(p.grad is None for p in teacher.parameters())
+
+
+def plain_iou(a: list[float], b: list[float]) -> float:
+    """IoU of two xyxy boxes, by hand."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
