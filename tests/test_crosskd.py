@@ -171,3 +171,29 @@ def test_crosskd_names_the_tower_it_cannot_reuse():
             tiny(width=8), tiny(width=16), {"crosskd": 1.0},
             method_options={"crosskd": {"teacher_convs": -1}},
         )  # fmt: skip
+
+
+def test_the_under_a_pixel_mask_weights_the_box_term_only(monkeypatch):
+    """FCOS: w_r (the teacher's top class probability) weights L_quality as it is; L_box
+    takes b_r = w_r, 0 where the teacher's box is under a pixel wide or high."""
+    import detdistill.losses.crosskd as crosskd
+
+    seen = {}
+    for name in ("cross_head_box_loss", "cross_head_quality_loss"):
+        real = getattr(crosskd, name)
+
+        def spy(*args, _name=name, _real=real):
+            seen[_name] = (args[1].detach(), args[2].detach())  # the teacher side, the weights
+            return _real(*args)
+
+        monkeypatch.setattr(crosskd, name, spy)
+    student, teacher = tiny("fcos", 8), tiny("fcos", 16)
+    distiller = Distiller(student, teacher, {"crosskd": 1.0}).train()
+    distiller(*batch())
+    teacher_boxes, box_weights = seen["cross_head_box_loss"]
+    _, quality_weights = seen["cross_head_quality_loss"]
+    sizes = teacher_boxes[:, 2:] - teacher_boxes[:, :2]
+    proper = (sizes >= 1.0).all(dim=1)
+    assert not proper.all(), "the test needs teacher boxes under a pixel (FCOS far from objects)"
+    assert torch.equal(box_weights, quality_weights * proper)
+    assert bool((quality_weights[~proper] > 0).all())  # masked for L_box only
