@@ -143,6 +143,27 @@ def test_training_order_depends_on_seed_and_epoch_only(tmp_path):
     assert list(resumed) == list(full)[1:] and len(resumed) == 2
 
 
+def test_every_rank_takes_the_same_number_of_training_steps():
+    """Unequal steps would leave one rank waiting in an all-reduce forever (7 images,
+    batch 2, 2 ranks gave 2 and 1 batches); the ranks' batch i together are the single
+    process's batch i at K times the batch size."""
+    for num_samples in range(1, 30):
+        for batch_size in (1, 2, 3, 4):
+            for world_size in (1, 2, 3):
+                if num_samples < batch_size * world_size:
+                    continue
+                ranks = [
+                    list(ResumableBatchSampler(num_samples, batch_size, True, 7, r, world_size))
+                    for r in range(world_size)
+                ]
+                steps = num_samples // (batch_size * world_size)
+                assert [len(batches) for batches in ranks] == [steps] * world_size
+                single = list(ResumableBatchSampler(num_samples, batch_size * world_size, True, 7))
+                for i in range(steps):
+                    together = sorted(j for batches in ranks for j in batches[i])
+                    assert together == sorted(single[i])
+
+
 @pytest.mark.slow
 def test_random_transforms_do_not_depend_on_the_worker_count(tmp_path):
     ds = write_dataset(tmp_path)

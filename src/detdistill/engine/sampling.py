@@ -71,6 +71,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
+        if self.drop_last:  # whole global batches only: every rank then takes as many steps
+            step = self.batch_size * self.world_size
+            order = order[: len(order) // step * step]
         return order[self.rank :: self.world_size]
 
     def batches_per_epoch(self) -> int:
