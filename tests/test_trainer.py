@@ -69,6 +69,8 @@ def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, d
     train_json = tiny_data_dir(data_root, num_train=24) / "train.json"
     categories = json.loads(train_json.read_text())["categories"]
     assert payload["class_names"] == [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+    # the data set's own ids, which predict and ONNX export write (eval scores with them)
+    assert payload["category_ids"] == sorted(c["id"] for c in categories)
     plain = build_detector(
         "retinanet",
         backbone="tiny",

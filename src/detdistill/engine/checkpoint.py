@@ -41,7 +41,7 @@ import hashlib
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +149,19 @@ def make_weights_payload(
     epoch: int,
     step: int,
     metrics: Mapping[str, Any] | None = None,
+    category_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """The ``model.pt`` payload of the module docstring, stamped with the code version."""
+    """The ``model.pt`` payload of the module docstring, stamped with the code version.
+
+    ``category_ids``: the data set's id of each class (COCO's own numbering), so
+    that ``predict`` and ONNX export write the ids ``eval`` scores with; without
+    them the ids are ``1..K``.
+    """
     return {
         "model": dict(model_state),
         "config": dict(config),
         "class_names": list(class_names),
+        "category_ids": None if category_ids is None else [int(i) for i in category_ids],
         "version": __version__,
         "epoch": int(epoch),
         "step": int(step),

@@ -52,7 +52,13 @@ def save_run(setup: RunSetup, progress: Progress, run_dir: Path) -> None:
     model = setup.eval_model()
     class_names = setup.data.class_names
     weights = make_weights_payload(
-        model.state_dict(), config, class_names, progress.epoch, progress.step, progress.metrics
+        model.state_dict(),
+        config,
+        class_names,
+        progress.epoch,
+        progress.step,
+        progress.metrics,
+        category_ids=getattr(setup.data.val, "category_ids", None),
     )
     state: dict[str, Any] = {
         "model": setup.model.state_dict(),
