@@ -65,6 +65,9 @@ def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, d
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "loss/total" in r] == list(range(1, 13))
     assert [r["epoch"] for r in records if "val/mAP" in r] == [1, 2]
+    # lr is the rate each step used: warm-up starts at warmup_factor x lr, not one step later
+    first = next(r for r in records if "lr" in r)
+    assert first["lr"] == pytest.approx(cfg.train.lr * cfg.train.warmup_factor)
     payload = load_checkpoint(run_dir / "model.pt")
     train_json = tiny_data_dir(data_root, num_train=24) / "train.json"
     categories = json.loads(train_json.read_text())["categories"]
@@ -85,6 +88,11 @@ def test_run_writes_everything_and_student_loads_into_plain_detector(tmp_path, d
     plain.load_state_dict(payload["model"], strict=True)
     loaded = load_detector(run_dir / "model.pt")
     assert loaded.class_names == payload["class_names"]
+    # a new run (not --resume) into the same folder starts its curves anew
+    run(cfg, show_progress=False)
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss/total" in r]
+    assert steps == list(range(1, 13))
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.parametrize(("interval", "evaluated"), [(0, [3]), (2, [2, 3])])

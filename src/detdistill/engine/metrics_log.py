@@ -44,11 +44,16 @@ class MetricsLogger:
     """Append metric records to ``run_dir/metrics.jsonl`` and TensorBoard.
 
     ``enabled=False`` (non-main ranks) turns every method into a no-op, so
-    callers need no rank checks.
+    callers need no rank checks. ``fresh=True`` (a run that is not resumed)
+    first removes an earlier run's records from the folder.
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike[str], enabled: bool = True, tensorboard: bool = True
+        self,
+        run_dir: str | os.PathLike[str],
+        enabled: bool = True,
+        tensorboard: bool = True,
+        fresh: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -58,6 +63,10 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
+        if fresh:  # a new run in an old run's folder: its curves must not mix with the old ones
+            path.unlink(missing_ok=True)
+            for old in (self.run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"):
+                old.unlink()
         _drop_partial_last_line(path)  # a resumed run must not glue onto a cut-off line
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:

@@ -57,6 +57,7 @@ class Trainer:
         self.progress = Progress()
         self.run_dir = Path(cfg.output_dir)
         self.show_progress = show_progress and self.setup.dist.is_main
+        self.step_lr = 0.0  # the learning rate of the last step (logged as lr)
 
     def resume(self) -> None:
         """Continue from ``last_state.pt`` of the run directory."""
@@ -138,6 +139,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(setup.trainable.parameters(), self.cfg.train.grad_clip)
         setup.scaler.step(setup.optimizer)
         setup.scaler.update()
+        self.step_lr = setup.optimizer.param_groups[0]["lr"]  # the rate this step used
         setup.scheduler.step()
         if setup.ema is not None:
             setup.ema.update_parameters(setup.model)
@@ -160,7 +162,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         history: list[dict[str, Any]] = []
         status = "completed"
-        with MetricsLogger(self.run_dir, enabled=setup.dist.is_main) as logger:
+        fresh = progress.step == 0  # not resumed: start the run's logs anew
+        with MetricsLogger(self.run_dir, enabled=setup.dist.is_main, fresh=fresh) as logger:
             if setup.distiller is not None and setup.distiller.needs_balance:
                 self.choose_auto_weights(logger)
             try:
@@ -251,7 +254,7 @@ class Trainer:
                 weights = {} if setup.distiller is None else setup.distiller.weights
                 logger.log(
                     {
-                        "lr": setup.optimizer.param_groups[0]["lr"],
+                        "lr": self.step_lr,
                         "images_per_s": rate,
                         **{f"loss/{k}": v for k, v in values.items()},
                         **{f"distill_weight/{k}": w for k, w in weights.items()},
