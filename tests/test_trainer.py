@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,23 @@ def test_ema_weights_are_what_the_run_saves_and_evaluates(tmp_path, data_root):
     averaged = trainer.setup.ema.module.state_dict()
     assert_same_weights(saved, averaged)
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())
+
+
+def test_the_ema_decay_ramps_up_to_the_configured_one():
+    """Update n averages with decay d_n = decay (1 - exp(-n / 2000)), worked out by hand;
+    integer buffers are copied."""
+    from detdistill.engine.run_setup import ramped_ema
+
+    update = ramped_ema(0.9998)
+    mean, counter = torch.zeros(3), torch.tensor(5)
+    value = torch.ones(3)
+    expected = 0.0
+    for n in range(1, 4):
+        update([mean, counter], [value, torch.tensor(9)], torch.tensor(n))
+        d = 0.9998 * (1 - math.exp(-n / 2000))
+        expected = d * expected + (1 - d) * 1.0
+    torch.testing.assert_close(mean, torch.full((3,), expected))
+    assert expected > 0.99 and int(counter) == 9  # early updates follow the model
+    late = torch.zeros(1)
+    update([late], [torch.ones(1)], torch.tensor(10**6))
+    assert late.item() == pytest.approx(1 - 0.9998)  # the configured decay, once ramped

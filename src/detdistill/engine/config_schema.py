@@ -148,6 +148,7 @@ class TrainConfig:
     grad_clip: float | None = field(default=10.0, metadata=_OPTIONAL_POSITIVE)
     amp: bool = False
     ema: bool = False
+    # reached after the EMA's first ~2000 updates, from 0 (engine.run_setup.ramped_ema)
     ema_decay: float = field(default=0.9998, metadata=_OPEN_UNIT)
     eval_interval: int = field(default=1, metadata=_NON_NEGATIVE)  # 0: after the last epoch only
     log_interval: int = field(default=20, metadata=_POSITIVE)

@@ -9,14 +9,16 @@ mixed precision and EMA. Building is separate from the loop
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset
 
 from detdistill.data.errors import DataError
@@ -98,6 +100,34 @@ def load_teacher(cfg: Config, device: torch.device) -> tuple[nn.Module, dict[str
     return loaded.model.to(device), {"path": str(path.resolve()), "sha256": file_sha256(path)}
 
 
+#: Updates over which the EMA's decay ramps up to ``train.ema_decay``.
+EMA_RAMP = 2000.0
+
+
+def ramped_ema(
+    decay: float, ramp: float = EMA_RAMP
+) -> Callable[[Sequence[Tensor], Sequence[Tensor], Tensor], None]:
+    """``AveragedModel``'s update with decay ``decay * (1 - exp(-n / ramp))`` at update ``n``.
+
+    A fixed decay of 0.9998 leaves the average at 0.9998^640 = 88% of the
+    weights it started from after 640 steps: a short run saved a model close
+    to untrained. Ramping the decay (Ultralytics' ``ModelEMA``, 2000 updates)
+    lets the average follow training early and smooth it later. Integer
+    buffers (BatchNorm's step counter) are copied.
+    """
+
+    @torch.no_grad()
+    def update(averaged: Sequence[Tensor], current: Sequence[Tensor], updates: Tensor) -> None:
+        d = decay * (1.0 - math.exp(-float(updates) / ramp))
+        for mean, value in zip(averaged, current, strict=True):
+            if mean.is_floating_point():
+                mean.lerp_(value, 1.0 - d)
+            else:
+                mean.copy_(value)
+
+    return update
+
+
 def build_run(cfg: Config, data: DataSplits | None = None) -> RunSetup:
     """Validate ``cfg`` (names and options, before any data or model work) and build the run."""
     validate_config(cfg)
@@ -147,7 +177,7 @@ def build_run(cfg: Config, data: DataSplits | None = None) -> RunSetup:
     amp = cfg.train.amp and device.type == "cuda"
     ema = None
     if cfg.train.ema:
-        average = get_ema_multi_avg_fn(cfg.train.ema_decay)
+        average = ramped_ema(cfg.train.ema_decay)
         ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
     return RunSetup(
         cfg=cfg,
