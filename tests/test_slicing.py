@@ -109,6 +109,22 @@ def test_ios_merge_equals_a_plain_loop_on_random_detections():
     assert merge_detections(empty, empty[:, 0], empty[:, 0].long(), "ios", 0.5).numel() == 0
 
 
+class NestedBoxesDetector(torch.nn.Module):
+    """Two boxes of one class, one inside the other: what its own NMS keeps."""
+
+    def forward(self, images):
+        boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [10.0, 10.0, 20.0, 20.0]])
+        return [{"boxes": boxes, "scores": torch.tensor([0.9, 0.8]),
+                 "labels": torch.tensor([0, 0])} for _ in images]  # fmt: skip
+
+
+def test_an_image_of_one_window_gets_the_detectors_own_answer():
+    """No window border to merge across: IoS must not drop the nested box the detector kept."""
+    sliced = SlicedDetector(NestedBoxesDetector(), SliceSettings(64, 0.2))
+    (result,) = sliced([torch.zeros(3, 50, 60)])
+    assert result["boxes"].tolist() == [[0.0, 0.0, 40.0, 40.0], [10.0, 10.0, 20.0, 20.0]]
+
+
 @pytest.mark.parametrize("full_image", [True, False])
 def test_an_object_across_a_window_border_comes_back_whole_in_image_pixels(full_image):
     image = torch.zeros(3, 1000, 1000)

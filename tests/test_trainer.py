@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,43 @@ def test_the_ema_decay_ramps_up_to_the_configured_one():
     late = torch.zeros(1)
     update([late], [torch.ones(1)], torch.tensor(10**6))
     assert late.item() == pytest.approx(1 - 0.9998)  # the configured decay, once ramped
+
+
+def test_max_steps_at_an_epoch_end_keeps_that_epochs_evaluation(tmp_path, data_root):
+    """24 images, batch 4: 6 steps an epoch. Stopped at step 6, the epoch ends as every
+    epoch does (evaluated, saved), and the resumed run starts the next one."""
+    run(tiny_config(tmp_path, "full", data_root=data_root), show_progress=False)
+    cut = run(
+        tiny_config(tmp_path, "cut", "train.max_steps=6", data_root=data_root),
+        show_progress=False,
+    )
+    assert (cut.status, cut.step, cut.epoch) == ("max_steps", 6, 1)
+    resumed = run(tiny_config(tmp_path, "cut", data_root=data_root), resume=True,
+                  show_progress=False)  # fmt: skip
+    assert (resumed.status, resumed.step) == ("completed", 12)
+
+    def evaluations(run_dir):
+        return [(r["epoch"], r["val/mAP"]) for r in read_metrics(run_dir) if "val/mAP" in r]
+
+    full, cut_curve = evaluations(tmp_path / "full"), evaluations(tmp_path / "cut")
+    assert [e for e, _ in cut_curve] == [e for e, _ in full] == [1, 2]
+    for (_, a), (_, b) in zip(cut_curve, full, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_ctrl_c_while_a_step_is_applied_saves_a_whole_step(tmp_path, data_root, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, "sig", data_root=data_root), show_progress=False)
+    schedule_class = type(trainer.setup.scheduler)  # patched on the class: the state pickles
+    real_step, calls = schedule_class.step, []
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # between the optimizer's update and the step counter
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(schedule_class, "step", step_then_ctrl_c)
+    result = trainer.fit()
+    assert (result.status, result.step) == ("interrupted", 3)
+    state = load_checkpoint(tmp_path / "sig" / "last_state.pt")
+    assert state["step"] == state["scheduler"]["last_epoch"] == 3  # weights and position agree

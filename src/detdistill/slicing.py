@@ -151,6 +151,8 @@ class SlicedDetector(nn.Module):
                 found.append({**out, "boxes": out["boxes"] + shift.to(out["boxes"].device)})
         if s.full_image and len(windows) > 1:
             found.extend(self.detector([image]))
+        if len(found) == 1:  # one window, the whole image: nothing to merge across windows
+            return {k: found[0][k] for k in ("boxes", "scores", "labels")}
         boxes = torch.cat([f["boxes"] for f in found])
         scores = torch.cat([f["scores"] for f in found])
         labels = torch.cat([f["labels"] for f in found])

@@ -10,7 +10,11 @@ and resumes from, is :mod:`detdistill.engine.run_state`.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,27 @@ from detdistill.errors import DetDistillError
 from detdistill.evaluation import evaluate
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _whole_step() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives while a step is applied until the step is whole.
+
+    Interrupted between the optimizer's update and the step counter, a run saved
+    weights one step ahead of the position it would resume from. Only the main
+    thread can catch signals; elsewhere (a Ray worker thread) nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 class NonFiniteLossError(DetDistillError, RuntimeError):
@@ -137,12 +162,15 @@ class Trainer:
         if self.cfg.train.grad_clip is not None:
             setup.scaler.unscale_(setup.optimizer)
             torch.nn.utils.clip_grad_norm_(setup.trainable.parameters(), self.cfg.train.grad_clip)
-        setup.scaler.step(setup.optimizer)
-        setup.scaler.update()
-        self.step_lr = setup.optimizer.param_groups[0]["lr"]  # the rate this step used
-        setup.scheduler.step()
-        if setup.ema is not None:
-            setup.ema.update_parameters(setup.model)
+        with _whole_step():  # weights, schedule, EMA and position change together
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
+            self.step_lr = setup.optimizer.param_groups[0]["lr"]  # the rate this step used
+            setup.scheduler.step()
+            if setup.ema is not None:
+                setup.ema.update_parameters(setup.model)
+            progress.step += 1
+            progress.batch_in_epoch += 1
         losses["total"] = total
         return {k: v.detach() for k, v in losses.items()}
 
@@ -162,24 +190,29 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         history: list[dict[str, Any]] = []
         status = "completed"
+        evaluated = False  # at the step the run stopped
         fresh = progress.step == 0  # not resumed: start the run's logs anew
         with MetricsLogger(self.run_dir, enabled=setup.dist.is_main, fresh=fresh) as logger:
             if setup.distiller is not None and setup.distiller.needs_balance:
                 self.choose_auto_weights(logger)
             try:
                 while progress.epoch < cfg.train.epochs:
-                    if self._train_epoch(logger):
-                        status = "max_steps"
+                    if self._train_epoch(logger):  # max_steps in the middle of an epoch
+                        status, evaluated = "max_steps", False
                         break
                     progress.epoch += 1
                     progress.batch_in_epoch = 0
                     interval = cfg.train.eval_interval
-                    if (interval and progress.epoch % interval == 0) or (
+                    evaluated = bool(interval and progress.epoch % interval == 0) or (
                         progress.epoch == cfg.train.epochs
-                    ):
+                    )
+                    if evaluated:
                         history.append(self._evaluate_epoch(logger))
                     self._save()
                     barrier()
+                    if self._at_max_steps() and progress.epoch < cfg.train.epochs:
+                        status = "max_steps"  # at an epoch's end: a resume starts the next one
+                        break
             except KeyboardInterrupt:
                 status = "interrupted"
                 self._save()
@@ -188,7 +221,7 @@ class Trainer:
                     progress.step,
                     self.run_dir / STATE_FILE,
                 )
-        if status == "max_steps":
+        if status == "max_steps" and not evaluated:
             progress.metrics = self.evaluate()
             self._save()
         if setup.dist.is_main:
@@ -243,8 +276,6 @@ class Trainer:
         seen, start = 0, time.perf_counter()
         for images, targets in bar:
             losses = self.train_step(images, targets)
-            progress.step += 1
-            progress.batch_in_epoch += 1
             seen += len(images) * setup.dist.world_size
             if progress.step % cfg.train.log_interval == 0 or progress.batch_in_epoch == len(
                 setup.batches
@@ -265,9 +296,13 @@ class Trainer:
                 bar.set_postfix(
                     {**{k: f"{v:.3f}" for k, v in values.items()}, "img/s": f"{rate:.0f}"}
                 )
-            if cfg.train.max_steps is not None and progress.step >= cfg.train.max_steps:
-                return True
+            if self._at_max_steps() and progress.batch_in_epoch < len(setup.batches):
+                return True  # mid-epoch; at an epoch's end, the epoch finishes as every epoch
         return False
+
+    def _at_max_steps(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return max_steps is not None and self.progress.step >= max_steps
 
 
 def run(cfg: Config, resume: bool = False, show_progress: bool = True) -> RunResult:
