@@ -429,3 +429,20 @@ def test_cli_eval_on_yolo_matches_coco(tiny_checkpoint, tmp_path):
         metrics[fmt] = json.loads(out.read_text())["metrics"]
     for key, value in metrics["coco"].items():
         assert metrics["yolo"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_an_exif_rotated_image_is_read_as_stored_and_counted(tmp_path):
+    """Ultralytics' tools label the view an EXIF orientation rotates to; detdistill reads
+    pixels as stored (as for COCO and VOC), so such an image is counted for a look."""
+    root = tmp_path / "ds"
+    data = simple_set(root)
+    rotated = root / "images" / "val" / "b.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.new("RGB", (200, 100)).save(rotated, exif=exif)
+    write_labels(root / "labels" / "val" / "b.txt", "0 0.5 0.25 0.5 0.5\n")
+    dataset = YoloDetection(data, "val")
+    assert dataset.problems.counts["exif_rotated"] == 1
+    assert "b.jpg: EXIF orientation 6" in dataset.problems.examples["exif_rotated"][0]
+    _, target = dataset[1]
+    assert target["boxes"].tolist() == [[50.0, 0.0, 150.0, 50.0]]  # the stored 200 x 100 grid

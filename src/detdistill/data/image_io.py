@@ -53,11 +53,22 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
     """``(height, width)`` from the file header only (cheap: no pixel decoding)."""
+    height, width, _ = read_image_header(path)
+    return height, width
+
+
+#: The EXIF tag of the orientation (1: stored upright).
+EXIF_ORIENTATION = 0x0112
+
+
+def read_image_header(path: str | Path) -> tuple[int, int, int]:
+    """``(height, width, EXIF orientation)`` of the stored image (orientation 1 without the tag)."""
     try:
         with Image.open(path) as im:
             width, height = im.size
+            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
     except FileNotFoundError as exc:
         raise ImageReadError(path, "file not found", kind="missing_image") from exc
     except _DECODE_ERRORS as exc:
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
-    return int(height), int(width)
+    return int(height), int(width), orientation

@@ -37,7 +37,7 @@ from detdistill.data.boxes import sanitize_boxes
 from detdistill.data.classes import check_class_names, resolve_class_names
 from detdistill.data.coco import CocoDetection
 from detdistill.data.errors import AnnotationFormatError, DataError, ImageReadError
-from detdistill.data.image_io import read_image_size
+from detdistill.data.image_io import read_image_header
 from detdistill.data.problems import DataProblems
 
 logger = logging.getLogger("detdistill.data")
@@ -335,12 +335,18 @@ class YoloDetection(DetectionDataset):
         background = 0
         for image_id, image in enumerate(images, start=1):
             try:
-                height, width = read_image_size(image)
+                height, width, orientation = read_image_header(image)
             except ImageReadError as exc:
                 if on_bad_image == "raise":
                     raise
                 problems.add(exc.kind, example=f"{image.name}: {exc.reason}")
                 continue
+            if orientation != 1:  # Ultralytics labels the view the EXIF tag rotates to
+                problems.add(
+                    "exif_rotated",
+                    example=f"{image.name}: EXIF orientation {orientation}; read as stored, "
+                    "while Ultralytics' tools label the rotated view: check its boxes",
+                )
             labels_file = label_path(image)
             if labels_file.is_file():
                 with_labels += 1
