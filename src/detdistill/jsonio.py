@@ -41,8 +41,8 @@ def dumps(value: Any, **kwargs: Any) -> str:
 
 
 def write(path: str | os.PathLike[str], value: Any, **kwargs: Any) -> None:
-    """Write :func:`dumps` ``(value)`` to ``path`` atomically: a reader (a resumed sweep)
-    never sees half a file, whenever the writer dies."""
+    """Write :func:`dumps` ``(value)`` to ``path`` atomically: a reader (a resumed sweep,
+    ``compare``) never sees half a file, whenever the writer dies."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(dumps(value, **kwargs) + "\n")

@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from detdistill import jsonio
 from detdistill.data.errors import ImageReadError
 from detdistill.data.image_io import read_image
 from detdistill.errors import ConfigError, DetDistillError
 from detdistill.evaluation import coco_detections
-from detdistill.jsonio import dumps
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 __all__ = [
@@ -342,7 +342,7 @@ def run_predict(
         {"id": predictor.category_id(i), "name": n} for i, n in enumerate(predictor.class_names)
     ]
     results_file, summary_file = out / "results.json", out / "summary.json"
-    results_file.write_text(dumps(results))
+    jsonio.write(results_file, results)
     summary = {
         "checkpoint": str(checkpoint),
         "score_threshold": score_threshold,
@@ -352,7 +352,7 @@ def run_predict(
         "categories": categories,
         "skipped": skipped,
     }
-    summary_file.write_text(dumps(summary, indent=2))
+    jsonio.write(summary_file, summary, indent=2)
     if not images:
         raise NoImagesError(
             f"none of the {len(files)} input files could be read as an image; "

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
+from detdistill import jsonio
 from detdistill.analysis.collect import Collected, collect
 from detdistill.analysis.draw import plot_candidates
 from detdistill.analysis.features import level_correlations
@@ -30,7 +31,6 @@ from detdistill.engine.builders import LoadedModel, build_eval_loader, load_dete
 from detdistill.engine.distributed import resolve_device
 from detdistill.engine.evaluate_checkpoint import evaluation_data
 from detdistill.errors import ConfigError
-from detdistill.jsonio import dumps, json_safe
 
 __all__ = ["run_analysis"]
 
@@ -135,7 +135,7 @@ def run_analysis(
     out.mkdir(parents=True, exist_ok=True)
     plot_rank_histograms(ranks, out / "rank_correlation_hist.png")
     candidate_pngs, map_pngs = _figures(collected, strides, student.class_names, out)
-    result: dict[str, Any] = json_safe(
+    result: dict[str, Any] = jsonio.json_safe(
         {
             "teacher": str(teacher_ckpt),
             "student": str(student_ckpt),
@@ -157,7 +157,7 @@ def run_analysis(
             "instances": rows,
         }
     )
-    (out / "analysis.json").write_text(dumps(result, indent=2) + "\n")
+    jsonio.write(out / "analysis.json", result, indent=2)
     report = out / "report.md"
     report.write_text(render_report(result, candidate_pngs, map_pngs))
     return report

@@ -313,16 +313,18 @@ class Distiller(nn.Module):
         # are unchanged (0.996x, 0.997x), and the peak is lower.
         teacher_output = self.teacher_outputs(tensors, sizes)
         output, taps = self._runner(tensors, sizes, batch_targets)
-        for detector_output in (teacher_output, output):
-            if detector_output.cls_logits[0].dtype in _HALF:
-                detector_output.map_levels(Tensor.float)
+        if teacher_output.cls_logits[0].dtype in _HALF:  # a half teacher, or autocast
+            teacher_output.map_levels(Tensor.float)
+        if output.cls_logits[0].dtype in _HALF:  # autocast: the taps are half too
+            output.map_levels(Tensor.float)
+            taps = {tap: _float32(tapped) for tap, tapped in taps.items()}
         return DistillBatch(
             student=output,
             teacher=teacher_output,
             gt_boxes=[t["boxes"] for t in batch_targets],
             gt_labels=[t["labels"] for t in batch_targets],
             images=tensors,
-            taps={tap: _float32(tapped) for tap, tapped in taps.items()},
+            taps=taps,
             teacher_model=self.teacher,
         )
 

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from detdistill import jsonio
 from detdistill.data import build_transforms
 from detdistill.engine.builders import (
     DATA_FORMATS,
@@ -20,7 +21,6 @@ from detdistill.engine.config import registered
 from detdistill.engine.distributed import resolve_device
 from detdistill.errors import ConfigError
 from detdistill.evaluation import evaluate
-from detdistill.jsonio import dumps
 from detdistill.slicing import SlicedDetector, SliceSettings
 
 
@@ -133,5 +133,5 @@ def evaluate_checkpoint(
         "data_problems": dataset.problems.as_dict() if hasattr(dataset, "problems") else None,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(dumps(payload, indent=2) + "\n")
+    jsonio.write(out_path, payload, indent=2)
     return {**payload, "out": out_path}

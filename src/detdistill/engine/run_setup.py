@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
 from detdistill.data.errors import DataError
@@ -118,12 +118,15 @@ def ramped_ema(
 
     @torch.no_grad()
     def update(averaged: Sequence[Tensor], current: Sequence[Tensor], updates: Tensor) -> None:
-        d = decay * (1.0 - math.exp(-float(updates) / ramp))
-        for mean, value in zip(averaged, current, strict=True):
-            if mean.is_floating_point():
-                mean.lerp_(value, 1.0 - d)
-            else:
+        pairs = list(zip(averaged, current, strict=True))
+        floats = [(mean, value) for mean, value in pairs if mean.is_floating_point()]
+        for mean, value in pairs:
+            if not mean.is_floating_point():
                 mean.copy_(value)
+        if floats:  # torch's EMA step (one foreach lerp), at this update's decay
+            ramped = decay * (1.0 - math.exp(-float(updates) / ramp))
+            means, values = (list(group) for group in zip(*floats, strict=True))
+            get_ema_multi_avg_fn(ramped)(means, values, updates)
 
     return update
 

@@ -133,7 +133,7 @@ def run_job(job: Job) -> dict[str, Any] | None:
                 f"{job.name} stopped ({result.status}); run the sweep again to resume it"
             )
         record = {"seconds": wall, "threads": job.threads}
-        (run_dir / WALL_FILE).write_text(jsonio.dumps(record) + "\n")
+        jsonio.write(run_dir / WALL_FILE, record)
     summary = json.loads((run_dir / "summary.json").read_text())
     wall_file = run_dir / WALL_FILE
     return {

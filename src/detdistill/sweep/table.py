@@ -209,7 +209,7 @@ def given_teacher_metrics(plan: SweepPlan) -> dict[str, Any]:
     result = evaluate(loaded.model.to(device), loader, dataset, device=device, progress=False)
     metrics = jsonio.json_safe({k: result[k] for k in ("mAP", "AP50", "AP75", "APs", "APm", "APl")})
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(jsonio.dumps({"of": key, "metrics": metrics}, indent=2) + "\n")
+    jsonio.write(cache, {"of": key, "metrics": metrics}, indent=2)
     return metrics
 
 
@@ -261,6 +261,6 @@ def write_report(
         "best_config": None if best is None else str(best),
         "runs": list(runs),
     }
-    out.write_text(jsonio.dumps(report, indent=2) + "\n")
+    jsonio.write(out, report, indent=2)
     out.with_suffix(".md").write_text(markdown(ranked, teacher) + "\n" + report["verdict"] + "\n")
     return report
